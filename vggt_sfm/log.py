@@ -1,0 +1,59 @@
+"""Quiet logging and progress bars.
+
+pycolmap's pipeline functions (bundle_adjustment, incremental_mapping, ...) reset glog's `minloglevel` to 0 on
+every call, so INFO lines come back after each one. `quiet_pycolmap()` sets it before the call and again after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import pycolmap
+
+logger = logging.getLogger("vggt_sfm")
+T = TypeVar("T")
+
+# glog levels: 0 INFO, 1 WARNING, 2 ERROR, 3 FATAL.
+_QUIET_GLOG_LEVEL = 2
+
+
+def set_pycolmap_quiet(quiet: bool = True) -> None:
+    """Silence (or restore) COLMAP's glog output below ERROR."""
+    pycolmap.logging.minloglevel = _QUIET_GLOG_LEVEL if quiet else 0
+
+
+@contextlib.contextmanager
+def quiet_pycolmap(quiet: bool = True) -> Iterator[None]:
+    """Keep COLMAP quiet around a pycolmap call that resets the log level."""
+    if quiet:
+        set_pycolmap_quiet(True)
+    try:
+        yield
+    finally:
+        if quiet:
+            set_pycolmap_quiet(True)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Log our messages to stderr: INFO when verbose, WARNING otherwise; COLMAP's only when verbose."""
+    level = logging.INFO if verbose else logging.WARNING
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[vggt-sfm] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    set_pycolmap_quiet(not verbose)
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, enabled: bool = True) -> Iterable[T]:
+    """Wrap a long loop in a tqdm bar, shown only on a terminal and when enabled."""
+    if not enabled or not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
