@@ -1,0 +1,243 @@
+"""`vggt-sfm reconstruct | predict | pipelines | evaluate | simulate`.
+
+The command line only parses arguments and calls the Python API; everything it does is available from Python.
+User mistakes end with one line on stderr and exit status 2; Ctrl-C with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+logger = logging.getLogger("vggt_sfm")
+
+# Named options and the preset value each one overrides (`--set stage.key=value` reaches all others).
+RECONSTRUCT_OVERRIDES: dict[str, str] = {
+    "extractor": "features.extractor",
+    "max_keypoints": "features.max_keypoints",
+    "resize_max": "features.resize_max",
+    "pairs": "pairs.method",
+    "num_neighbors": "pairs.num_neighbors",
+    "camera_model": "mapping.camera_model",
+    "shared_camera": "mapping.shared_camera",
+    "refine_principal_point": "refine.refine_principal_point",
+    "refine_distortion": "refine.refine_extra_params",
+    "ba_rounds": "refine.rounds",
+    "ba": "refine.enabled",
+    "database": "output.database",
+    "export": "output.export",
+    "dense_points": "output.dense_points",
+    "downscales": "output.downscales",
+    "text": "output.text",
+    "preprocess": "predict.preprocess",
+    "device": "predict.device",
+    "dtype": "predict.dtype",
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every stage (and COLMAP's own output)")
+
+
+def _add_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="VGGT checkpoint (model.pt or .safetensors); default: $VGGT_SFM_WEIGHTS or the Hugging Face cache")
+    parser.add_argument("--download", action="store_true", help="download facebook/VGGT-1B (5 GB) if it is not found locally")
+    parser.add_argument("--preprocess", choices=["crop", "pad"], default=None, help="VGGT input preprocessing (default: crop)")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda")
+    parser.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vggt-sfm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rec = sub.add_parser("reconstruct", help="images (+ predictions) -> bundle-adjusted COLMAP model")
+    rec.add_argument("--images", required=True, help="folder of images")
+    rec.add_argument("--predictions", help="predictions .npz (from `vggt-sfm predict` or the VGGT demos); default: run VGGT")
+    rec.add_argument("--output", required=True, help="output folder (sparse/0, points3D.ply, summary.json, ...)")
+    rec.add_argument("--pipeline", default="default", help="preset name (see `vggt-sfm pipelines`) or a .toml file")
+    rec.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
+    _add_weights(rec)
+    rec.add_argument("--extractor", choices=["aliked", "disk", "sift"], help="local features")
+    rec.add_argument("--max-keypoints", type=int, help="keypoints per image")
+    rec.add_argument("--resize-max", type=int, help="longest image side for feature extraction")
+    rec.add_argument("--pairs", choices=["auto", "exhaustive", "prior"], help="image pair selection")
+    rec.add_argument("--num-neighbors", type=int, help="pairs per image when chosen from the prior")
+    rec.add_argument("--camera-model", choices=["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "OPENCV"])
+    rec.add_argument("--shared-camera", action=argparse.BooleanOptionalAction, default=None, help="one camera for all images")
+    rec.add_argument("--refine-principal-point", action=argparse.BooleanOptionalAction, default=None)
+    rec.add_argument("--refine-distortion", action=argparse.BooleanOptionalAction, default=None)
+    rec.add_argument("--ba-rounds", type=int, help="bundle-adjustment rounds at most")
+    rec.add_argument("--no-ba", dest="ba", action="store_false", default=None, help="write the initial model without bundle adjustment")
+    rec.add_argument("--database", action="store_true", default=None, help="also write OUTPUT/database.db (COLMAP 4 schema)")
+    rec.add_argument("--export", action="append", choices=["gsplat", "nerfstudio"], help="extra export (repeatable)")
+    rec.add_argument("--dense-points", type=int, help="dense initial points from depth for the exports (at most N)")
+    rec.add_argument("--downscales", type=lambda s: [int(x) for x in s.split(",") if x], help="gsplat: also write images_N, e.g. 2,4,8")
+    rec.add_argument("--text", action="store_true", default=None, help="also write the text model")
+    rec.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override any preset value")
+    rec.add_argument("--gt", help="ground-truth COLMAP model of the same images: print the accuracy at the end")
+    _add_common(rec)
+
+    pred = sub.add_parser("predict", help="images -> VGGT predictions file (.npz)")
+    pred.add_argument("--images", required=True)
+    pred.add_argument("--output", required=True, help="predictions file to write (.npz)")
+    pred.add_argument("--heads", default="camera,depth", help="heads to run: camera,depth[,point,track]")
+    pred.add_argument("--overwrite", action="store_true")
+    _add_weights(pred)
+    _add_common(pred)
+
+    pipes = sub.add_parser("pipelines", help="list the pipeline presets")
+    pipes.add_argument("--show", metavar="NAME", help="print one preset's full configuration")
+
+    ev = sub.add_parser("evaluate", help="compare a model with a ground-truth model of the same images")
+    ev.add_argument("--model", required=True, help="COLMAP model folder (e.g. OUTPUT/sparse/0)")
+    ev.add_argument("--gt", required=True, help="ground-truth COLMAP model folder")
+    ev.add_argument("--json", action="store_true", help="print all metrics as JSON")
+
+    sim = sub.add_parser("simulate", help="write a simulated VGGT-like prior from a ground-truth model (for development)")
+    sim.add_argument("--gt", required=True)
+    sim.add_argument("--images", required=True)
+    sim.add_argument("--output", required=True)
+    sim.add_argument("--level", default="vggt", choices=["easy", "vggt", "hard"])
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--outlier-frames", type=int, default=0, help="frames given a 20-degree rotation error")
+    return parser
+
+
+def _reconstruct_config(args: argparse.Namespace):
+    from .config import apply_overrides, load_preset, parse_override
+
+    config = load_preset(args.pipeline)
+    overrides: list[tuple[list[str], Any]] = []
+    for name, path in RECONSTRUCT_OVERRIDES.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides.append((path.split("."), value))
+    overrides += [parse_override(text) for text in args.overrides]
+    return apply_overrides(config, overrides)
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .pipeline import run
+
+    config = _reconstruct_config(args)
+    gt = None
+    if args.gt:
+        gt = _read_model(args.gt, "--gt")
+    result = run(
+        args.images,
+        predictions=args.predictions,
+        output=args.output,
+        config=config,
+        overwrite=args.overwrite,
+        weights=args.weights,
+        download=args.download,
+        progress=True,
+    )
+    print(result.summary.format())
+    print(f"wrote {result.output}/sparse/0")
+    if gt is not None:
+        from .evaluation.metrics import evaluate
+
+        print("accuracy vs ground truth: " + evaluate(result.reconstruction, gt).summary())
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise UserError(f"{output} already exists; pass --overwrite or choose another --output")
+    if output.suffix != ".npz":
+        raise UserError(f"--output {output} must end in .npz")
+    heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
+    predictions = predict(
+        args.images,
+        output=output,
+        weights=args.weights,
+        download=args.download,
+        device=args.device or "auto",
+        dtype=args.dtype or "auto",
+        preprocess=args.preprocess or "crop",
+        heads=heads,
+    )
+    print(f"wrote {output}: {predictions.num_frames} frames")
+    return 0
+
+
+def _cmd_pipelines(args: argparse.Namespace) -> int:
+    from .config import list_presets, load_preset
+
+    if args.show:
+        print(json.dumps(load_preset(args.show).as_dict(), indent=2))
+        return 0
+    for name, description in list_presets().items():
+        print(f"{name:12s} {description}")
+    return 0
+
+
+def _read_model(path: str, flag: str):
+    import pycolmap
+
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise UserError(f"{flag} {model_dir} is not a folder holding a COLMAP model")
+    try:
+        return pycolmap.Reconstruction(model_dir)
+    except Exception as error:
+        raise UserError(f"{flag} {model_dir}: cannot read a COLMAP model ({error})") from None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.metrics import evaluate
+
+    result = evaluate(_read_model(args.model, "--model"), _read_model(args.gt, "--gt"))
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .evaluation.simulate import write_simulated_prior
+
+    write_simulated_prior(
+        gt=args.gt, images=args.images, output=args.output, level=args.level, seed=args.seed,
+        outlier_frames=args.outlier_frames,
+    )
+    print(f"wrote {args.output} (SIMULATED prior, level {args.level})")
+    return 0
+
+
+COMMANDS = {
+    "reconstruct": _cmd_reconstruct,
+    "predict": _cmd_predict,
+    "pipelines": _cmd_pipelines,
+    "evaluate": _cmd_evaluate,
+    "simulate": _cmd_simulate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vggt-sfm` command."""
+    args = build_parser().parse_args(argv)
+    from .log import configure_logging
+
+    configure_logging(verbose=getattr(args, "verbose", False))
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"vggt-sfm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vggt-sfm: interrupted; no results were written (rerun to resume from the cached stages)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
