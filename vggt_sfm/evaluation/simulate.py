@@ -1,0 +1,200 @@
+"""Simulated priors: ground-truth cameras plus noise, written as a VGGT-like predictions file.
+
+Lets the geometric stages be tested and benchmarked against known truth without running VGGT. For each
+camera: its rotation is perturbed about a random axis by an angle ~ N(0, sigma), its centre moved by
+N(0, sigma) per axis (a fraction of the scene extent, `PriorCameras.scene_scale`), its focal length scaled by
+a log-normal factor. The result is put into a random similarity frame (rotation, translation, scale), as the
+prior's frame is arbitrary. Intrinsics are expressed on VGGT's prediction grid (`vggt_grid_from_image`) with the
+principal point at the grid centre, as VGGT predicts it, so the true principal point is NOT kept.
+
+Usage: python -m vggt_sfm.evaluation.simulate --gt GT_MODEL --images IMAGES --level vggt --seed 0 --output prior.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+from scipy.spatial.transform import Rotation
+
+from ..errors import UserError
+from ..images import scan_images
+from ..predictions import Predictions, save_predictions, vggt_grid_from_image
+from ..prior import PriorCameras
+from .metrics import read_ground_truth
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """Standard deviations of the simulated prior's errors."""
+
+    rotation_deg: float  # angle about a random axis, per camera
+    center_fraction: float  # per axis, as a fraction of the scene extent
+    focal_fraction: float  # of log(focal)
+
+
+NOISE_LEVELS = {
+    "easy": NoiseLevel(rotation_deg=0.5, center_fraction=0.01, focal_fraction=0.02),
+    "vggt": NoiseLevel(rotation_deg=2.0, center_fraction=0.03, focal_fraction=0.05),
+    "hard": NoiseLevel(rotation_deg=5.0, center_fraction=0.08, focal_fraction=0.10),
+}
+OUTLIER_ROTATION_DEG = 20.0
+
+
+def _noise_level(level: str | NoiseLevel) -> NoiseLevel:
+    if isinstance(level, NoiseLevel):
+        return level
+    if level not in NOISE_LEVELS:
+        raise UserError(f"unknown noise level {level!r}; use one of {', '.join(NOISE_LEVELS)}")
+    return NOISE_LEVELS[level]
+
+
+def _outlier_indices(outliers: Sequence[int | str], names: list[str]) -> list[int]:
+    index = {name: i for i, name in enumerate(names)}
+    chosen = []
+    for item in outliers:
+        if isinstance(item, str) and item in index:
+            chosen.append(index[item])
+        elif isinstance(item, (int, np.integer)) or (isinstance(item, str) and item.lstrip("-").isdigit()):
+            i = int(item)
+            if not -len(names) <= i < len(names):
+                raise UserError(f"outlier frame {i} is out of range: there are {len(names)} images")
+            chosen.append(i % len(names))
+        else:
+            raise UserError(f"outlier frame {item!r} is not an image of the ground truth (give a name or an index)")
+    return sorted(set(chosen))
+
+
+def _rotations_about_random_axes(rng: np.random.Generator, angles_deg: np.ndarray) -> np.ndarray:
+    axes = rng.normal(size=(len(angles_deg), 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    return Rotation.from_rotvec(axes * np.radians(angles_deg)[:, None]).as_matrix()
+
+
+def simulate_prior(
+    ground_truth: pycolmap.Reconstruction | PriorCameras | str | Path,
+    level: str | NoiseLevel = "vggt",
+    seed: int = 0,
+    outliers: Sequence[int | str] = (),
+    outlier_rotation_deg: float = OUTLIER_ROTATION_DEG,
+    preprocess: str = "crop",
+) -> Predictions:
+    """A noisy copy of the ground-truth cameras as `Predictions`, in a random similarity frame.
+
+    `outliers` (image names or frame indices in sorted-name order) get a rotation error of exactly
+    `outlier_rotation_deg` about a random axis instead of the level's rotation noise. The same seed gives the
+    same prior. No depth maps: the ground-truth models here have no dense geometry.
+    """
+    gt = ground_truth if isinstance(ground_truth, PriorCameras) else read_ground_truth(ground_truth)
+    order = np.argsort(gt.image_names)
+    names = [gt.image_names[i] for i in order]
+    sizes = gt.image_sizes[order]
+    R_gt = gt.cam_from_world[order, :, :3]
+    K_gt = gt.intrinsics[order]
+    centers_gt = gt.centers()[order]
+    noise = _noise_level(level)
+    num = len(names)
+    rng = np.random.default_rng(seed)
+
+    # Noise is drawn in a fixed order so that a seed reproduces the prior exactly.
+    angles = rng.normal(0.0, noise.rotation_deg, size=num)
+    delta_R = _rotations_about_random_axes(rng, angles)
+    center_noise = rng.normal(0.0, noise.center_fraction * gt.scene_scale(), size=(num, 3))
+    focal_factor = np.exp(rng.normal(0.0, noise.focal_fraction, size=num))
+    world_R = Rotation.random(random_state=rng).as_matrix()
+    world_scale = float(np.exp(rng.uniform(np.log(0.1), np.log(10.0))))
+    world_t = rng.normal(0.0, 1.0, size=3) * world_scale
+    outlier_ids = _outlier_indices(outliers, names)
+    if outlier_ids:
+        delta_R[outlier_ids] = _rotations_about_random_axes(rng, np.full(len(outlier_ids), outlier_rotation_deg))
+
+    # Perturb in the camera frame, then re-express in the new world: X' = s Rw X + tw, so R' = R Rw^T.
+    R = delta_R @ R_gt @ world_R.T
+    centers = world_scale * (centers_gt + center_noise) @ world_R.T + world_t
+    t = -np.einsum("sij,sj->si", R, centers)
+    cam_from_world = np.concatenate([R, t[:, :, None]], axis=2)
+
+    # K in original pixels with integer pixel centres, scaled focal, then onto the prediction grid.
+    K_image = K_gt.copy()
+    K_image[:, :2, :2] *= focal_factor[:, None, None]
+    K_image[:, 0, 2] -= 0.5
+    K_image[:, 1, 2] -= 0.5
+    grid_from_image, (grid_w, grid_h) = vggt_grid_from_image([tuple(map(int, s)) for s in sizes], preprocess)
+    K_grid = grid_from_image @ K_image
+    K_grid[:, 0, 2] = grid_w / 2.0
+    K_grid[:, 1, 2] = grid_h / 2.0
+
+    return Predictions(
+        image_names=names,
+        cam_from_world=cam_from_world,
+        intrinsics=K_grid,
+        grid_from_image=grid_from_image,
+    )
+
+
+def write_simulated_prior(
+    ground_truth: Path | str,
+    images_dir: Path | str,
+    output: Path | str,
+    level: str = "vggt",
+    seed: int = 0,
+    outliers: Sequence[int | str] = (),
+) -> Predictions:
+    """Simulate a prior for the images of `images_dir` that the ground truth covers, and save it to `output`.
+
+    The images' real sizes must match the ground-truth cameras, so the prior's grid mapping fits the photos.
+    """
+    gt = read_ground_truth(ground_truth)
+    infos = {info.name: info for info in scan_images(Path(images_dir))}
+    missing = [n for n in gt.image_names if n not in infos]
+    if missing:
+        raise UserError(
+            f"{len(missing)} ground-truth image(s) are not in {images_dir}, e.g. {missing[0]} (give the matching folder)"
+        )
+    for name, (width, height) in zip(gt.image_names, gt.image_sizes):
+        info = infos[name]
+        if (info.width, info.height) != (width, height):
+            raise UserError(
+                f"image {name} is {info.width}x{info.height} but its ground-truth camera is {width}x{height} "
+                "(the model belongs to other images)"
+            )
+    predictions = simulate_prior(gt, level=level, seed=seed, outliers=outliers)
+    save_predictions(predictions, output)
+    return predictions
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: write a simulated prior file."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vggt_sfm.evaluation.simulate",
+        description="Write a SIMULATED prior (ground truth + noise) as a predictions .npz file.",
+    )
+    parser.add_argument("--gt", required=True, type=Path, help="ground-truth COLMAP model folder")
+    parser.add_argument("--images", required=True, type=Path, help="the images folder the model belongs to")
+    parser.add_argument("--level", default="vggt", choices=sorted(NOISE_LEVELS), help="noise level")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument(
+        "--outliers", default="", help="comma-separated image names or frame indices given a 20-degree rotation error"
+    )
+    parser.add_argument("--output", required=True, type=Path, help="the .npz file to write")
+    args = parser.parse_args(argv)
+    outliers = [item for item in args.outliers.split(",") if item]
+    try:
+        predictions = write_simulated_prior(args.gt, args.images, args.output, args.level, args.seed, outliers)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {predictions.num_frames} frames, level {args.level}, seed {args.seed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
