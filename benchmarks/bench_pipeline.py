@@ -71,9 +71,7 @@ def simulated_prior(gt: Path, outlier: bool):
     from vggt_sfm.evaluation.metrics import read_ground_truth
     from vggt_sfm.evaluation.simulate import simulate_prior
 
-    cameras = read_ground_truth(gt)
-    outliers = [len(cameras.image_names) // 2] if outlier else []
-    return simulate_prior(cameras, level=PRIOR_LEVEL, seed=PRIOR_SEED, outliers=outliers)
+    return simulate_prior(read_ground_truth(gt), level=PRIOR_LEVEL, seed=PRIOR_SEED, outliers=1 if outlier else ())
 
 
 def worker(set_name: str, method: str, threads: int) -> dict:

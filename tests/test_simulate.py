@@ -121,3 +121,16 @@ def test_images_that_do_not_fit_the_ground_truth(tmp_path):
         write_simulated_prior(DATA / "gt", tmp_path, tmp_path / "p.npz")
     with pytest.raises(UserError, match="unknown noise level"):
         simulate_prior(DATA / "gt", level="medium")
+
+
+def test_outlier_count_through_the_main_command_line(tmp_path):
+    from vggt_sfm.cli import main as vggt_sfm_main
+
+    output = tmp_path / "prior.npz"
+    code = vggt_sfm_main(["simulate", "--gt", str(DATA / "gt"), "--images", str(DATA / "images"),
+                          "--output", str(output), "--level", "easy", "--outlier-frames", "2"])
+    assert code == 0
+    result = evaluate(output, DATA / "gt")
+    # Two frames spread evenly over 16: indices 4 and 12.
+    assert np.flatnonzero(result.rotation_errors > 10).tolist() == [4, 12]
+    assert result.rotation_errors[[4, 12]] == pytest.approx([20.0, 20.0], abs=1.5)

@@ -57,7 +57,13 @@ def _noise_level(level: str | NoiseLevel) -> NoiseLevel:
     return NOISE_LEVELS[level]
 
 
-def _outlier_indices(outliers: Sequence[int | str], names: list[str]) -> list[int]:
+def _outlier_indices(outliers: int | Sequence[int | str], names: list[str]) -> list[int]:
+    """Frame indices from names / indices, or, for a count N, N frames spread evenly (N=1: the middle one)."""
+    if isinstance(outliers, (int, np.integer)):
+        count = int(outliers)
+        if not 0 <= count <= len(names):
+            raise UserError(f"cannot make {count} outlier frames out of {len(names)} images")
+        return sorted({(2 * k + 1) * len(names) // (2 * count) for k in range(count)})
     index = {name: i for i, name in enumerate(names)}
     chosen = []
     for item in outliers:
@@ -83,15 +89,15 @@ def simulate_prior(
     ground_truth: pycolmap.Reconstruction | PriorCameras | str | Path,
     level: str | NoiseLevel = "vggt",
     seed: int = 0,
-    outliers: Sequence[int | str] = (),
+    outliers: int | Sequence[int | str] = (),
     outlier_rotation_deg: float = OUTLIER_ROTATION_DEG,
     preprocess: str = "crop",
 ) -> Predictions:
     """A noisy copy of the ground-truth cameras as `Predictions`, in a random similarity frame.
 
-    `outliers` (image names or frame indices in sorted-name order) get a rotation error of exactly
-    `outlier_rotation_deg` about a random axis instead of the level's rotation noise. The same seed gives the
-    same prior. No depth maps: the ground-truth models here have no dense geometry.
+    `outliers` (image names or frame indices in sorted-name order, or a count of frames spread evenly) get a
+    rotation error of exactly `outlier_rotation_deg` about a random axis instead of the level's rotation noise.
+    The same seed gives the same prior. No depth maps: the ground-truth models here have no dense geometry.
     """
     gt = ground_truth if isinstance(ground_truth, PriorCameras) else read_ground_truth(ground_truth)
     order = np.argsort(gt.image_names)
@@ -141,32 +147,33 @@ def simulate_prior(
 
 
 def write_simulated_prior(
-    ground_truth: Path | str,
-    images_dir: Path | str,
+    gt: Path | str,
+    images: Path | str,
     output: Path | str,
     level: str = "vggt",
     seed: int = 0,
-    outliers: Sequence[int | str] = (),
+    outlier_frames: int | Sequence[int | str] = (),
 ) -> Predictions:
-    """Simulate a prior for the images of `images_dir` that the ground truth covers, and save it to `output`.
+    """Simulate a prior for the ground-truth model `gt` of the photos in `images`, and save it to `output`.
 
-    The images' real sizes must match the ground-truth cameras, so the prior's grid mapping fits the photos.
+    The photos' real sizes must match the ground-truth cameras, so the prior's grid mapping fits them.
+    `outlier_frames`: as `outliers` of `simulate_prior`.
     """
-    gt = read_ground_truth(ground_truth)
-    infos = {info.name: info for info in scan_images(Path(images_dir))}
-    missing = [n for n in gt.image_names if n not in infos]
+    cameras = read_ground_truth(gt)
+    infos = {info.name: info for info in scan_images(Path(images))}
+    missing = [n for n in cameras.image_names if n not in infos]
     if missing:
         raise UserError(
-            f"{len(missing)} ground-truth image(s) are not in {images_dir}, e.g. {missing[0]} (give the matching folder)"
+            f"{len(missing)} ground-truth image(s) are not in {images}, e.g. {missing[0]} (give the matching folder)"
         )
-    for name, (width, height) in zip(gt.image_names, gt.image_sizes):
+    for name, (width, height) in zip(cameras.image_names, cameras.image_sizes):
         info = infos[name]
         if (info.width, info.height) != (width, height):
             raise UserError(
                 f"image {name} is {info.width}x{info.height} but its ground-truth camera is {width}x{height} "
                 "(the model belongs to other images)"
             )
-    predictions = simulate_prior(gt, level=level, seed=seed, outliers=outliers)
+    predictions = simulate_prior(cameras, level=level, seed=seed, outliers=outlier_frames)
     save_predictions(predictions, output)
     return predictions
 
@@ -182,13 +189,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--level", default="vggt", choices=sorted(NOISE_LEVELS), help="noise level")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument(
-        "--outliers", default="", help="comma-separated image names or frame indices given a 20-degree rotation error"
+        "--outliers", default="", help="comma-separated image names or indices given a 20-degree rotation error"
     )
+    parser.add_argument("--outlier-frames", type=int, default=0, help="or: this many frames, spread evenly")
     parser.add_argument("--output", required=True, type=Path, help="the .npz file to write")
     args = parser.parse_args(argv)
-    outliers = [item for item in args.outliers.split(",") if item]
+    outliers: int | list[str] = [item for item in args.outliers.split(",") if item] or args.outlier_frames
     try:
-        predictions = write_simulated_prior(args.gt, args.images, args.output, args.level, args.seed, outliers)
+        predictions = write_simulated_prior(
+            gt=args.gt, images=args.images, output=args.output, level=args.level, seed=args.seed,
+            outlier_frames=outliers,
+        )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
