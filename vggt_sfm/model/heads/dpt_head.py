@@ -70,20 +70,20 @@ def _sincos(dim: int, positions: torch.Tensor, omega_0: float = 100.0) -> torch.
     return torch.cat((angles.sin(), angles.cos()), dim=1).float()
 
 
-def uv_pos_embed(channels: int, h: int, w: int, aspect: float, device: torch.device | None = None) -> torch.Tensor:
-    """Sinusoidal embedding [channels, h, w] of a uv grid spanning the image diagonal (unit length).
+def uv_pos_embed(
+    channels: int, h: int, w: int, aspect: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sinusoidal embedding of a uv grid spanning the image diagonal (unit length), in two separable halves.
 
-    The first half of the channels encodes u (column), the second half v (row); `aspect` = W / H of the
-    image, the same at every feature resolution.
+    The first channels/2 channels encode u (the column) and are returned as [channels/2, 1, w]; the
+    last channels/2 encode v (the row), returned as [channels/2, h, 1]. Broadcast, they are the
+    [channels, h, w] embedding. `aspect` = W / H of the image, the same at every feature resolution.
     """
     diag = (aspect**2 + 1.0) ** 0.5
     span_u, span_v = aspect / diag, 1.0 / diag
     u = torch.linspace(-span_u * (w - 1) / w, span_u * (w - 1) / w, w, dtype=torch.float32, device=device)
     v = torch.linspace(-span_v * (h - 1) / h, span_v * (h - 1) / h, h, dtype=torch.float32, device=device)
-    # Each half of the embedding depends on one coordinate only: embed the w columns and h rows, then broadcast.
-    emb_u = _sincos(channels // 2, u).T[:, None, :].expand(-1, h, -1)
-    emb_v = _sincos(channels // 2, v).T[:, :, None].expand(-1, -1, w)
-    return torch.cat((emb_u, emb_v), dim=0)
+    return _sincos(channels // 2, u).T[:, None, :], _sincos(channels // 2, v).T[:, :, None]
 
 
 class DPTHead(nn.Module):
@@ -155,9 +155,8 @@ class DPTHead(nn.Module):
             raise ValueError(f"the DPT head needs aggregator layers {self.intermediate_layer_idx}")
         s = layers[0].shape[1]
         step = s if not frames_chunk_size or frames_chunk_size >= s else frames_chunk_size
-        pos_cache: dict[tuple[int, int, int], torch.Tensor] = {}
         chunks = [
-            self._forward_frames([t[:, i : i + step] for t in layers], image_hw, patch_start_idx, pos_cache)
+            self._forward_frames([t[:, i : i + step] for t in layers], image_hw, patch_start_idx)
             for i in range(0, s, step)
         ]
         if self.feature_only:
@@ -166,21 +165,21 @@ class DPTHead(nn.Module):
             return chunks[0]
         return torch.cat([c[0] for c in chunks], dim=1), torch.cat([c[1] for c in chunks], dim=1)
 
-    def _add_pos_embed(
-        self, x: torch.Tensor, aspect: float, cache: dict[tuple[int, int, int], torch.Tensor]
-    ) -> torch.Tensor:
-        key = tuple(x.shape[1:])
-        if key not in cache:
-            cache[key] = 0.1 * uv_pos_embed(*key, aspect=aspect, device=x.device)
-        # In place: x is always a fresh convolution / interpolation output.
-        return x.add_(cache[key].to(x.dtype))
+    @staticmethod
+    def _add_pos_embed(x: torch.Tensor, aspect: float, ratio: float = 0.1) -> torch.Tensor:
+        """x + ratio * uv embedding, added in place (x is always a fresh convolution / interpolation output)
+        and half by half, so that the full [C, h, w] embedding is never materialised."""
+        c, h, w = x.shape[1:]
+        emb_u, emb_v = uv_pos_embed(c, h, w, aspect, device=x.device)
+        x[:, : c // 2] += (ratio * emb_u).to(x.dtype)
+        x[:, c // 2 :] += (ratio * emb_v).to(x.dtype)
+        return x
 
     def _forward_frames(
         self,
         layers: list[torch.Tensor],
         image_hw: tuple[int, int],
         patch_start_idx: int,
-        pos_cache: dict[tuple[int, int, int], torch.Tensor],
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, s = layers[0].shape[:2]
         h, w = image_hw
@@ -193,7 +192,7 @@ class DPTHead(nn.Module):
             x = x.view(b * s, grid_h, grid_w, -1).permute(0, 3, 1, 2)
             x = project(x)
             if self.pos_embed:
-                x = self._add_pos_embed(x, aspect, pos_cache)
+                x = self._add_pos_embed(x, aspect)
             maps.append(resize(x))
         del x
 
@@ -208,7 +207,7 @@ class DPTHead(nn.Module):
         size = (grid_h * self.patch_size // self.down_ratio, grid_w * self.patch_size // self.down_ratio)
         out = F.interpolate(out, size=size, mode="bilinear", align_corners=True)
         if self.pos_embed:
-            out = self._add_pos_embed(out, aspect, pos_cache)
+            out = self._add_pos_embed(out, aspect)
         if self.feature_only:
             return out.view(b, s, *out.shape[1:])
         values, conf = activate_dense(scratch.output_conv2(out), self.activation)

@@ -9,6 +9,10 @@ from .attention import Attention
 from .layer_scale import LayerScale
 from .mlp import Mlp
 
+# Without autograd the feed-forward half runs on at most this many tokens at a time: its hidden layer is
+# 4x wider than the tokens, which is what would dominate the memory of global attention over many frames.
+MLP_CHUNK_TOKENS = 16384
+
 
 class Block(nn.Module):
     """`x + ls1(attn(norm1(x)))`, then `x + ls2(mlp(norm2(x)))`.
@@ -38,4 +42,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), rope))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        tokens = x.view(-1, x.shape[-1])
+        if torch.is_grad_enabled() or tokens.shape[0] <= MLP_CHUNK_TOKENS:
+            return x + self.ls2(self.mlp(self.norm2(x)))
+        # Tokens are independent in the feed-forward half; x is our own tensor, so update it in place.
+        for chunk in tokens.split(MLP_CHUNK_TOKENS):
+            chunk += self.ls2(self.mlp(self.norm2(chunk)))
+        return x
