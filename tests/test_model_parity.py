@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from vggt_sfm.model import VGGT, VGGTConfig, pose_encoding_to_extrinsics_intrinsics
+from vggt_sfm.model.layers import block as block_module
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vggt_parity"
 SHARED_PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "vggt_parity"
@@ -97,9 +98,11 @@ def test_patch_start_index(case):
         assert model.aggregator.patch_start_idx == int(data["patch_start_idx"])
 
 
-def test_meta_built_model_chunked_heads_and_head_subset_give_the_same_predictions():
+def test_meta_built_model_chunked_computation_and_head_subset_give_the_same_predictions(monkeypatch):
     """Built on the meta device and loaded with assign=True (as the weight loader does), one frame per
-    DPT pass, camera+depth only: the same numbers, and only the needed layers are kept."""
+    DPT pass, feed-forward layers over 48 tokens at a time, camera+depth only: the same numbers, and only
+    the needed layers are kept."""
+    monkeypatch.setattr(block_module, "MLP_CHUNK_TOKENS", 48)
     model, data, _ = load_case("dino_2x70x98", on_meta=True, dpt_frames_chunk_size=1)
     images = torch.from_numpy(data["images"])
     with torch.inference_mode():

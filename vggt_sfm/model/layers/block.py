@@ -9,8 +9,9 @@ from .attention import Attention
 from .layer_scale import LayerScale
 from .mlp import Mlp
 
-# Without autograd the feed-forward half runs on at most this many tokens at a time: its hidden layer is
-# 4x wider than the tokens, which is what would dominate the memory of global attention over many frames.
+# When no gradient flows through the tokens, the feed-forward half runs on at most this many tokens at a
+# time: its hidden layer is 4x wider than the tokens and would dominate the memory of global attention
+# over many frames.
 MLP_CHUNK_TOKENS = 16384
 
 
@@ -43,7 +44,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), rope))
         tokens = x.view(-1, x.shape[-1])
-        if torch.is_grad_enabled() or tokens.shape[0] <= MLP_CHUNK_TOKENS:
+        if x.requires_grad or tokens.shape[0] <= MLP_CHUNK_TOKENS:
             return x + self.ls2(self.mlp(self.norm2(x)))
         # Tokens are independent in the feed-forward half; x is our own tensor, so update it in place.
         for chunk in tokens.split(MLP_CHUNK_TOKENS):
