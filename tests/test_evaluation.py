@@ -128,3 +128,20 @@ def test_predictions_and_prior_cameras_are_accepted(gt_model):
     result = evaluate(prior, gt)
     assert result.num_registered == 8
     assert result.auc[30] == pytest.approx(28 / 120)
+
+
+def test_one_lost_camera_does_not_spoil_the_alignment(gt_model):
+    lost = pycolmap.Reconstruction(gt_model)
+    image = lost.images[7]
+    pose = image.cam_from_world().matrix()
+    shift = np.array([3.0, -4.0, 12.0])  # 13 units, ~23 times the scene extent
+    center = -pose[:, :3].T @ pose[:, 3] + shift
+    lost.frames[image.frame_id].set_cam_from_world(
+        image.camera_id, pycolmap.Rigid3d(pycolmap.Rotation3d(pose[:, :3]), -pose[:, :3] @ center)
+    )
+    result = evaluate(lost, gt_model)
+    index = result.image_names.index(image.name)
+    assert result.extras["num_alignment_inliers"] == 15
+    assert result.center_errors[index] == pytest.approx(13.0, rel=1e-6)
+    assert np.delete(result.center_errors, index).max() < 1e-9
+    assert np.nanmax(result.rotation_errors) < 1e-4

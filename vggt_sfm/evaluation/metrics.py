@@ -11,7 +11,9 @@ A ground-truth pair with coincident centres (templeSR0001 and templeSR0011 are t
 translation direction; its translation error is 0, so only its rotation counts.
 
 Per-image metrics need a common frame: the estimated camera centres are mapped onto the ground truth by a
-similarity (`pycolmap.estimate_sim3d`, least squares), then the centre and rotation errors are measured. Centre
+similarity, then the centre and rotation errors are measured. The similarity is robust, so that a few lost
+cameras do not drag the others: LO-RANSAC (`pycolmap.estimate_sim3d_robust`, inliers within 20 % of the scene
+extent, fixed seed), then least squares (`pycolmap.estimate_sim3d`) on its inliers. Centre
 errors are also given as % of the ground truth's scene extent (`PriorCameras.scene_scale`: the median distance
 of the camera centres to their median), which makes them comparable across data sets in other units.
 """
@@ -34,6 +36,7 @@ FAILED_ROTATION_ERROR = 180.0
 FAILED_TRANSLATION_ERROR = 1e6  # what the protocol assigns to an undefined translation angle
 _EPS = 1e-15
 _ZERO_BASELINE = 1e-6  # of the scene extent
+ALIGNMENT_INLIER_FRACTION = 0.2  # of the scene extent
 
 CameraSource = pycolmap.Reconstruction | Predictions | PriorCameras | str | Path
 
@@ -203,6 +206,19 @@ def as_cameras(estimate: CameraSource, ground_truth: PriorCameras) -> PriorCamer
     raise TypeError(f"cannot evaluate an object of type {type(estimate).__name__}")
 
 
+def align_centers(src: np.ndarray, tgt: np.ndarray, inlier_distance: float) -> tuple[pycolmap.Sim3d | None, int]:
+    """tgt_from_src similarity of (N,3) centres, N >= 3: LO-RANSAC, then least squares on the inliers.
+
+    Returns the similarity (None if degenerate) and the number of inliers it was fitted on.
+    """
+    options = pycolmap.RANSACOptions(max_error=inlier_distance, random_seed=0)
+    robust = pycolmap.estimate_sim3d_robust(src, tgt, options)
+    inliers = np.ones(len(src), dtype=bool)
+    if robust is not None and robust["num_inliers"] >= 3:
+        inliers = np.asarray(robust["inlier_mask"], dtype=bool)
+    return pycolmap.estimate_sim3d(src[inliers], tgt[inliers]), int(np.count_nonzero(inliers))
+
+
 def _mean_focal(K: np.ndarray) -> np.ndarray:
     return 0.5 * (K[..., 0, 0] + K[..., 1, 1])
 
@@ -253,18 +269,17 @@ def evaluate(
 
     center_err = np.full(num, np.nan)
     abs_rot_err = np.full(num, np.nan)
-    aligned = False
+    num_inliers = 0
+    sim = None
     if np.count_nonzero(registered) >= 3:
-        est_cams = PriorCameras(names, gt.image_sizes[order], est_pose, est_K)
-        sim = pycolmap.estimate_sim3d(est_cams.centers()[registered], gt_centers[registered])
-        if sim is not None:
-            aligned = True
-            gt_from_est = sim.matrix()
-            R_sim = gt_from_est[:, :3] / sim.scale
-            centers = est_cams.centers()[registered] @ gt_from_est[:, :3].T + gt_from_est[:, 3]
-            center_err[registered] = np.linalg.norm(centers - gt_centers[registered], axis=1)
-            R_aligned = est_pose[registered, :, :3] @ R_sim.T
-            abs_rot_err[registered] = rotation_errors_deg(R_aligned, gt_pose[registered, :, :3])
+        est_centers = PriorCameras(names, gt.image_sizes[order], est_pose, est_K).centers()[registered]
+        sim, num_inliers = align_centers(est_centers, gt_centers[registered], ALIGNMENT_INLIER_FRACTION * extent)
+    if sim is not None:
+        gt_from_est = sim.matrix()
+        centers = est_centers @ gt_from_est[:, :3].T + gt_from_est[:, 3]
+        center_err[registered] = np.linalg.norm(centers - gt_centers[registered], axis=1)
+        R_aligned = est_pose[registered, :, :3] @ (gt_from_est[:, :3] / sim.scale).T
+        abs_rot_err[registered] = rotation_errors_deg(R_aligned, gt_pose[registered, :, :3])
     focal_err = np.abs(_mean_focal(est_K) - _mean_focal(gt_K)) / _mean_focal(gt_K)
 
     return EvaluationResult(
@@ -278,6 +293,9 @@ def evaluate(
         center_errors=center_err,
         rotation_errors=abs_rot_err,
         focal_errors=focal_err,
-        aligned=aligned,
-        extras={"num_pairs_without_baseline": int(np.count_nonzero(baseline < _ZERO_BASELINE * extent))},
+        aligned=sim is not None,
+        extras={
+            "num_pairs_without_baseline": int(np.count_nonzero(baseline < _ZERO_BASELINE * extent)),
+            "num_alignment_inliers": num_inliers,
+        },
     )

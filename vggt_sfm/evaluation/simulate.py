@@ -13,7 +13,6 @@ Usage: python -m vggt_sfm.evaluation.simulate --gt GT_MODEL --images IMAGES --le
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,9 +27,6 @@ from ..images import scan_images
 from ..predictions import Predictions, save_predictions, vggt_grid_from_image
 from ..prior import PriorCameras
 from .metrics import read_ground_truth
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class NoiseLevel:
