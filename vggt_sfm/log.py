@@ -41,10 +41,12 @@ def quiet_pycolmap(quiet: bool = True) -> Iterator[None]:
 def configure_logging(verbose: bool = False) -> None:
     """Log our messages to stderr: INFO when verbose, WARNING otherwise; COLMAP's only when verbose."""
     level = logging.INFO if verbose else logging.WARNING
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[vggt-sfm] %(message)s"))
-        logger.addHandler(handler)
+    # A fresh handler on the current stderr: main() may run several times in one process (tests, notebooks).
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vggt-sfm: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
     set_pycolmap_quiet(not verbose)
