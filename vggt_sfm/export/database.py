@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import pycolmap
 
-from ..evaluation.metrics import cameras_from_reconstruction
 from ..prior import PriorCameras
 from .files import atomic_output
 
@@ -91,6 +90,13 @@ def _set_relative_pose(
     geometry.cam2_from_cam1 = cam2_from_cam1
     geometry.E = E
     geometry.F = F
+
+
+def _camera_spread(reconstruction: pycolmap.Reconstruction) -> float:
+    """Median distance of the registered camera centres to their median (as PriorCameras.scene_scale)."""
+    centers = np.array([reconstruction.images[i].projection_center() for i in reconstruction.reg_image_ids()])
+    spread = float(np.median(np.linalg.norm(centers - np.median(centers, axis=0), axis=1))) if len(centers) else 0.0
+    return spread if spread > 0 else 1.0
 
 
 def _aligned_prior_centers(
@@ -203,7 +209,7 @@ def write_database(
                     num_matched += 1
 
             num_verified = 0
-            extent = cameras_from_reconstruction(reconstruction).scene_scale()
+            extent = _camera_spread(reconstruction)
             if verified is not None:
                 for (i, j), matches in zip(np.asarray(verified.pairs), verified.matches):
                     id1, id2 = int(i) + 1, int(j) + 1
