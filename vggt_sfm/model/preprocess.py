@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..images import read_image
+from ..log import progress as log_progress
 from ..predictions import VGGT_IMAGE_SIZE, vggt_grid_from_image, vggt_resized_size
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ def _paste_centred(chw: np.ndarray, height: int, width: int) -> np.ndarray:
     return canvas
 
 
-def preprocess_images(paths: Sequence[Path | str], mode: str = "crop") -> PreprocessedImages:
+def preprocess_images(
+    paths: Sequence[Path | str], mode: str = "crop", progress: bool = False
+) -> PreprocessedImages:
     """Read images and build VGGT's input tensor (S,3,H,W) plus `grid_from_image` for each image.
 
     Raises UserError for an unknown mode or an image that cannot be read.
@@ -77,7 +80,7 @@ def preprocess_images(paths: Sequence[Path | str], mode: str = "crop") -> Prepro
         raise ValueError("preprocess_images needs at least one image")
     frames = []
     sizes = []
-    for path in paths:
+    for path in log_progress(paths, "reading images", len(paths), progress):
         image = read_image(path)
         sizes.append((image.shape[1], image.shape[0]))
         frames.append(resize_image(image, mode))

@@ -209,18 +209,21 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
     """Raise UserError naming what does not fit when `state` is not exactly the model's keys and shapes."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    common = len(expected) - len(missing)
+    known = len(state) - len(unexpected)
 
     def names(keys: list[str]) -> str:
         return ", ".join(keys[:_SHOWN]) + (", ..." if len(keys) > _SHOWN else "")
 
-    if common < len(expected) // 2:
+    if known < len(state) / 2:
         raise UserError(
-            f"{path} is not a VGGT checkpoint: only {common} of its {len(state)} tensors are VGGT's "
-            f"{len(expected)} (it has e.g. {names(sorted(state))})"
+            f"{path} is not a VGGT checkpoint: only {known} of its {len(state)} tensors have VGGT's names "
+            f"(it has e.g. {names(sorted(unexpected))})"
         )
     if missing:
-        raise UserError(f"{path} lacks {len(missing)} of VGGT's {len(expected)} tensors, e.g. {names(missing)} (incomplete or another model)")
+        raise UserError(
+            f"{path} lacks {len(missing)} of VGGT's {len(expected)} tensors, e.g. {names(missing)} "
+            "(an incomplete file or another VGGT variant)"
+        )
     if unexpected:
         raise UserError(f"{path} has {len(unexpected)} tensors VGGT does not have, e.g. {names(unexpected)} (another model?)")
     wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k])]
