@@ -259,3 +259,35 @@ def test_nerfstudio_refuses_cameras_it_cannot_represent():
     with pytest.raises(UserError, match="FOV"):
         export_nerfstudio(model, IMAGES, output)
     assert not output.exists()
+
+
+def test_exif_rotated_photos_are_exported_as_seen():
+    # A phone photo: pixels stored landscape, EXIF orientation 6 (display rotated to portrait).
+    folder = temporary_folder()
+    images = folder / "images"
+    images.mkdir()
+    stored = Image.open(IMAGES / "templeSR0001.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(images / "phone.jpg", quality=95, exif=exif)
+    seen = read_image(images / "phone.jpg")
+    height, width = seen.shape[:2]
+    assert (width, height) == (480, 640)
+
+    model = pycolmap.Reconstruction()
+    camera = pycolmap.Camera(camera_id=1, model="SIMPLE_RADIAL", width=width, height=height,
+                             params=[800.0, width / 2 + 3, height / 2 - 2, -0.02])
+    model.add_camera_with_trivial_rig(camera)
+    model.add_image_with_trivial_frame(
+        pycolmap.Image(name="phone.jpg", camera_id=1, image_id=1), pycolmap.Rigid3d()
+    )
+    export_nerfstudio(model, images, folder / "ns")
+    with Image.open(folder / "ns" / "images" / "phone.jpg") as copied:  # nerfstudio ignores EXIF orientation
+        assert copied.size == (width, height)
+        assert np.abs(np.asarray(copied, dtype=float) - seen).mean() < 3.0
+    export_gsplat(model, images, folder / "gs", downscales=(2,))
+    exported = pycolmap.Reconstruction(str(folder / "gs" / "sparse" / "0"))
+    undistorted = exported.cameras[exported.images[1].camera_id]
+    assert undistorted.height > undistorted.width  # portrait, as seen
+    with Image.open(folder / "gs" / "images" / "phone.jpg") as file:
+        assert file.size == (undistorted.width, undistorted.height)
