@@ -185,6 +185,10 @@ def test_gsplat_export_refuses_an_existing_folder():
     assert (output / "keep.txt").read_text() == "mine"
     export_gsplat(model, IMAGES, output, downscales=(), overwrite=True)
     assert not (output / "keep.txt").exists() and (output / "sparse" / "0" / "cameras.bin").is_file()
+    # Even with overwrite, a folder holding the input images is never replaced.
+    with pytest.raises(UserError, match="contains the input"):
+        export_nerfstudio(model, IMAGES, IMAGES.parent, overwrite=True)
+    assert (IMAGES / "templeSR0001.png").is_file()
 
 
 def nerfstudio_pixels(meta: dict, frame: dict, xyz: np.ndarray) -> np.ndarray:

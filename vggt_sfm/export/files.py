@@ -43,6 +43,15 @@ def check_target(target: Path, overwrite: bool) -> None:
         raise UserError(f"{kind} {target} already exists; pass --overwrite to replace it, or choose another output")
 
 
+def check_inputs_outside(output_dir: Path, *inputs: Path) -> None:
+    """Refuse an export folder that holds its own inputs: replacing it would delete them."""
+    output = output_dir.resolve()
+    for path in inputs:
+        resolved = path.resolve()
+        if resolved == output or output in resolved.parents:
+            raise UserError(f"the export folder {output_dir} contains the input {path}; choose another output folder")
+
+
 @contextlib.contextmanager
 def atomic_output(target: Path | str, overwrite: bool = False, directory: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target`, on failure it is removed.

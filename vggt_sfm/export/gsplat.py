@@ -26,7 +26,7 @@ import pycolmap
 
 from ..errors import UserError
 from ..log import quiet_pycolmap
-from .files import atomic_output, stage_images, write_downscaled_images
+from .files import atomic_output, check_inputs_outside, stage_images, write_downscaled_images
 from .ply import reconstruction_points, write_ply
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def export_gsplat(
     """
     images_dir = Path(images_dir)
     output_dir = Path(output_dir)
+    check_inputs_outside(output_dir, images_dir)
     names = _check_images(reconstruction, images_dir)
     with atomic_output(output_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(
         prefix=".gsplat-work.", dir=tmp.parent

@@ -18,7 +18,7 @@ import numpy as np
 import pycolmap
 
 from ..errors import UserError
-from .files import atomic_output, copy_images, write_downscaled_images
+from .files import atomic_output, check_inputs_outside, copy_images, write_downscaled_images
 from .ply import reconstruction_points, write_ply
 
 # COLMAP model -> (nerfstudio camera_model, names of the parameters after fx, fy, cx, cy).
@@ -89,6 +89,7 @@ def export_nerfstudio(
     """
     images_dir = Path(images_dir)
     output_dir = Path(output_dir)
+    check_inputs_outside(output_dir, images_dir)
     image_ids = sorted(reconstruction.reg_image_ids())
     if not image_ids:
         raise UserError("the reconstruction has no registered images; there is nothing to export")
