@@ -31,7 +31,7 @@ from .config import PipelineConfig
 from .errors import UserError
 from .images import ImageInfo, list_images, scan_images
 from .log import quiet_pycolmap
-from .outputs import write_outputs
+from .outputs import check_output_requirements, write_outputs
 from .predictions import Predictions, load_predictions, match_images
 from .prior import PriorCameras, prior_from_predictions
 
@@ -127,6 +127,10 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
         raise UserError(f"output folder {output} already holds results; pass --overwrite or choose another --output")
     work = output.parent / f".{output.name}.partial"
     work.mkdir(parents=True, exist_ok=True)
+    # An interrupted run leaves its cache (to resume from) and possibly half-written files (to discard).
+    for leftover in work.iterdir():
+        if leftover.name != "cache":
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     old_cache = output / "cache"
     if overwrite and old_cache.is_dir() and not (work / "cache").exists():
         shutil.copytree(old_cache, work / "cache")
@@ -236,6 +240,8 @@ def run(
                 timer.cached.append("predictions")
             loaded = _check_names(loaded, names + skipped, "VGGT")
         predictions_used = match_images(loaded, names, "predictions")
+    if work is not None:
+        check_output_requirements(config, predictions_used)
     image_sizes = np.array([[info.width, info.height] for info in infos])
     prior = prior_from_predictions(predictions_used, image_sizes)
 
@@ -246,7 +252,9 @@ def run(
 
     if work is not None:
         with timer.stage("write"):
-            write_outputs(work, reconstruction, config, images_dir, prior, predictions_used, stages, overwrite)
+            summary.details["outputs"] = write_outputs(
+                work, reconstruction, config, images_dir, prior, predictions_used, stages
+            )
         summary.stage_seconds = dict(timer.seconds)
         (work / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
         _commit_output(work, output_path)
