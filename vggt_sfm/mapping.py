@@ -1,0 +1,581 @@
+"""The initial model: prior cameras, triangulated tracks, and frames re-localised where the prior is wrong.
+
+Every pose starts at its prediction. Tracks are triangulated with a batched multi-view DLT (or placed from the
+predicted depth), observations far from their point are dropped, and a frame whose observations disagree with
+the points triangulated from the *other* frames (a failed prediction) is re-localised by RANSAC PnP before it
+can bend the structure. The result is a `pycolmap.Reconstruction` that bundle adjustment (`refine.py`) polishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pycolmap
+
+from .errors import UserError
+from .images import read_image
+from .prior import PriorCameras
+from .tracks import Tracks
+
+if TYPE_CHECKING:
+    from .features import Features
+    from .predictions import Predictions
+
+logger = logging.getLogger(__name__)
+
+CAMERA_MODELS = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV")
+
+
+@dataclass
+class MappingConfig:
+    camera_model: str = "SIMPLE_RADIAL"
+    shared_camera: bool = True  # one camera (median of the prior intrinsics) when all images have one size
+    use_depth: bool = False  # place points from the predicted depth where it is confident
+    min_depth_confidence: float = 1.5
+    max_reproj_error_px: float = 4.0  # floor of the per-image outlier threshold
+    outlier_factor: float = 4.0  # an observation is an outlier beyond factor x its image's median error
+    min_tri_angle_deg: float = 1.0
+    relocalize: bool = True
+    # A frame failed when its prior rotations relative to its partner images disagree with the rotations the
+    # matches give (median over partners) by more than both of these ...
+    relocalize_min_angle_deg: float = 8.0
+    relocalize_angle_factor: float = 3.0  # (times the typical frame's disagreement)
+    # ... or when its observations' median error against the other frames' points exceeds both of these.
+    relocalize_error_factor: float = 5.0  # (times the typical frame's)
+    relocalize_min_error: float = 0.01  # (fraction of the image diagonal)
+    max_partners: int = 10  # image pairs per image (most matches first) for the rotation check
+    pnp_max_error: float = 0.01  # RANSAC PnP threshold, as a fraction of the image diagonal
+    min_observations: int = 30  # fewer triangulated observations: keep the predicted pose, flag not_refined
+    extract_colors: bool = True
+
+
+@dataclass
+class MappingReport:
+    relocalized: list[str] = field(default_factory=list)
+    not_refined: list[str] = field(default_factory=list)  # poses kept from the prior (too few observations)
+    num_points: int = 0
+    num_observations: int = 0
+    mean_reprojection_error: float = float("nan")
+    rotation_disagreement_deg: dict[str, float] = field(default_factory=dict)  # per image, prior vs matches
+    prior_median_error_px: dict[str, float] = field(default_factory=dict)  # per image, against the other frames
+    time_s: float = 0.0
+
+
+def initialize_reconstruction(
+    prior: PriorCameras,
+    features: list[Features],
+    tracks: Tracks,
+    predictions: Predictions | None = None,
+    images_dir: Path | str | None = None,
+    config: MappingConfig | None = None,
+) -> tuple[pycolmap.Reconstruction, MappingReport]:
+    """Build the initial reconstruction from the prior cameras and the tracks.
+
+    Image ids are frame index + 1; camera ids are 1 (shared) or frame index + 1. Colours come from the images
+    in `images_dir` (grey without it). Frames whose prior pose disagrees with their matches are re-localised;
+    frames left with too few observations keep the prior pose and are listed in `report.not_refined`.
+    """
+    start = time.perf_counter()
+    config = config or MappingConfig()
+    num_images = prior.num_images
+    if len(features) != num_images:
+        raise ValueError(f"{len(features)} feature sets for {num_images} images")
+    if config.use_depth and (predictions is None or predictions.depth is None):
+        raise UserError("use_depth needs predictions with a 'depth' map (predict again with depth, or disable it)")
+
+    cameras = make_cameras(prior, config.camera_model, config.shared_camera)
+    keypoints = [np.asarray(f.keypoints, dtype=np.float64).reshape(-1, 2) for f in features]
+    obs = _Observations.gather(tracks, keypoints, cameras)
+    poses = prior.cam_from_world.astype(np.float64).copy()
+    diagonal = np.hypot(prior.image_sizes[:, 0], prior.image_sizes[:, 1]).astype(np.float64)
+    report = MappingReport()
+    not_refined: set[int] = set()
+
+    if config.relocalize:
+        obs, poses, relocalized, failed = _relocalize(obs, poses, cameras, prior, diagonal, config, report)
+        report.relocalized = [prior.image_names[i] for i in relocalized]
+        not_refined |= failed
+
+    points, obs = _triangulate(obs, poses, cameras, prior, predictions, config)
+
+    per_image = np.bincount(obs.image, minlength=num_images)
+    weak = set(np.flatnonzero(per_image < config.min_observations).tolist())
+    for i in sorted(weak - not_refined):
+        logger.warning(
+            "%s: only %d triangulated observations; keeping its predicted pose", prior.image_names[i], per_image[i]
+        )
+    not_refined |= weak
+    report.not_refined = [prior.image_names[i] for i in sorted(not_refined)]
+
+    colors = _track_colors(obs, keypoints, prior.image_names, images_dir) if config.extract_colors else None
+    rec = _build_reconstruction(prior, cameras, keypoints, poses, points, obs, colors)
+    rec.update_point_3d_errors()
+    report.num_points = rec.num_points3D()
+    report.num_observations = obs.num
+    report.mean_reprojection_error = rec.compute_mean_reprojection_error() if report.num_points else float("nan")
+    report.time_s = time.perf_counter() - start
+    logger.info(
+        "initial model: %d points, %d observations, %.2f px; re-localised %s; not refined %s (%.1f s)",
+        report.num_points, report.num_observations, report.mean_reprojection_error,
+        report.relocalized or "none", report.not_refined or "none", report.time_s,
+    )  # fmt: skip
+    return rec, report
+
+
+def make_cameras(prior: PriorCameras, model: str, shared: bool) -> list[pycolmap.Camera]:
+    """One pycolmap camera per image (the same object for all when shared), from the prior intrinsics."""
+    if model not in CAMERA_MODELS:
+        raise UserError(f"camera model {model!r} is not supported; use one of {', '.join(CAMERA_MODELS)}")
+    sizes = prior.image_sizes
+    if shared and len({tuple(s) for s in sizes.tolist()}) > 1:
+        logger.warning("images have different sizes; using one camera per image instead of a shared camera")
+        shared = False
+    K = prior.intrinsics
+    if shared:
+        median = np.median(K, axis=0)
+        camera = _camera(1, model, int(sizes[0, 0]), int(sizes[0, 1]), median)
+        return [camera] * prior.num_images
+    return [_camera(i + 1, model, int(w), int(h), K[i]) for i, (w, h) in enumerate(sizes)]
+
+
+def _camera(camera_id: int, model: str, width: int, height: int, K: np.ndarray) -> pycolmap.Camera:
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    camera = pycolmap.Camera.create_from_model_name(camera_id, model, 0.5 * (fx + fy), width, height)
+    params = np.zeros(len(camera.params))
+    focal = camera.focal_length_idxs()
+    if len(focal) == 1:
+        params[focal[0]] = 0.5 * (fx + fy)
+    else:
+        params[focal[0]], params[focal[1]] = fx, fy
+    pp = camera.principal_point_idxs()
+    params[pp[0]], params[pp[1]] = cx, cy
+    camera.params = params
+    return camera
+
+
+@dataclass
+class _Observations:
+    """Track observations with their pixels and normalised image coordinates (distortion removed)."""
+
+    tracks: Tracks
+    xy: np.ndarray  # (O,2) pixels
+    normalized: np.ndarray  # (O,2)
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.tracks.image_index
+
+    @property
+    def track(self) -> np.ndarray:
+        return self.tracks.track_id
+
+    @property
+    def num(self) -> int:
+        return self.tracks.num_observations
+
+    @classmethod
+    def gather(cls, tracks: Tracks, keypoints: list[np.ndarray], cameras: list[pycolmap.Camera]) -> _Observations:
+        xy = np.zeros((tracks.num_observations, 2))
+        normalized = np.zeros_like(xy)
+        for i in np.unique(tracks.image_index):
+            mask = tracks.image_index == i
+            xy[mask] = keypoints[i][tracks.keypoint_index[mask]]
+            normalized[mask] = cameras[i].cam_from_img(xy[mask])
+        return cls(tracks, xy, normalized)
+
+    def select(self, keep: np.ndarray) -> _Observations:
+        """Keep the masked observations; tracks left with one observation go (arrays stay track-sorted)."""
+        tracks = self.tracks
+        ids = np.arange(tracks.num_observations)
+        # Tracks.select sorts by (track, image) like the original order, so the kept rows keep their order.
+        kept = Tracks(tracks.track_id, tracks.image_index, ids, tracks.num_tracks).select(keep)
+        rows = kept.keypoint_index
+        new = Tracks(kept.track_id, kept.image_index, tracks.keypoint_index[rows], kept.num_tracks)
+        return _Observations(new, self.xy[rows], self.normalized[rows])
+
+
+def _world_normalization(poses: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre and scale of the camera set, to condition the DLT."""
+    R, t = poses[:, :, :3], poses[:, :, 3]
+    centers = -np.einsum("sji,sj->si", R, t)
+    center = np.median(centers, axis=0)
+    scale = float(np.median(np.linalg.norm(centers - center, axis=1)))
+    return center, scale if scale > 0 else 1.0
+
+
+def _dlt_systems(obs: _Observations, poses: np.ndarray, center: np.ndarray, scale: float) -> np.ndarray:
+    """(O,4,4) per-observation normal matrices A^T A of the DLT, in normalised world coordinates."""
+    # X_world = center + scale * X, so P [X_world; 1] = P T [X; 1].
+    T = np.eye(4)
+    T[:3, :3] *= scale
+    T[:3, 3] = center
+    P = poses[obs.image] @ T
+    x, y = obs.normalized[:, 0:1], obs.normalized[:, 1:2]
+    r1 = x * P[:, 2] - P[:, 0]
+    r2 = y * P[:, 2] - P[:, 1]
+    r1 /= np.linalg.norm(r1, axis=1, keepdims=True)
+    r2 /= np.linalg.norm(r2, axis=1, keepdims=True)
+    return r1[:, :, None] * r1[:, None, :] + r2[:, :, None] * r2[:, None, :]
+
+
+def _solve_dlt(systems: np.ndarray, center: np.ndarray, scale: float) -> np.ndarray:
+    """(N,3) points from (N,4,4) normal matrices; NaN where the solution is at infinity."""
+    _, vectors = np.linalg.eigh(systems)
+    h = vectors[:, :, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        X = h[:, :3] / h[:, 3:4]
+    X[np.abs(h[:, 3]) < 1e-12] = np.nan
+    return center + scale * X
+
+
+def triangulate_dlt(
+    obs: _Observations, poses: np.ndarray, leave_one_out: bool = False, use: np.ndarray | None = None
+) -> np.ndarray:
+    """Multi-view DLT of every track: (num_tracks,3); with leave_one_out, (O,3) points without each observation.
+
+    `use` (O,) bool restricts the observations the points are made from. A point needs two observations
+    (NaN otherwise).
+    """
+    center, scale = _world_normalization(poses)
+    systems = _dlt_systems(obs, poses, center, scale)
+    used = np.ones(obs.num, dtype=bool) if use is None else np.asarray(use, dtype=bool)
+    systems[~used] = 0.0
+    starts = obs.tracks.offsets()[:-1]
+    per_track = np.add.reduceat(systems, starts, axis=0)
+    count = np.add.reduceat(used.astype(int), starts)
+    if not leave_one_out:
+        X = _solve_dlt(per_track, center, scale)
+        X[count < 2] = np.nan
+        return X
+    X = _solve_dlt(per_track[obs.track] - systems, center, scale)
+    X[count[obs.track] - used < 2] = np.nan
+    return X
+
+
+def reprojection_errors(
+    obs: _Observations, points: np.ndarray, poses: np.ndarray, cameras: list[pycolmap.Camera]
+) -> np.ndarray:
+    """(O,) pixel error of each observation against its point (one point per observation); inf behind the camera."""
+    R, t = poses[obs.image, :, :3], poses[obs.image, :, 3]
+    X_cam = np.einsum("oij,oj->oi", R, points) + t
+    errors = np.full(obs.num, np.inf)
+    valid = np.isfinite(X_cam).all(axis=1) & (X_cam[:, 2] > 1e-9 * np.abs(X_cam).max(axis=1, initial=1.0))
+    for i in np.unique(obs.image[valid]):
+        mask = valid & (obs.image == i)
+        projected = cameras[i].img_from_cam(X_cam[mask])
+        errors[mask] = np.linalg.norm(projected - obs.xy[mask], axis=1)
+    return errors
+
+
+def _median_per_image(values: np.ndarray, image: np.ndarray, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Median per image ignoring NaN (inf counts as a large value; inf where no value) and the counts."""
+    medians = np.full(num_images, np.inf)
+    counts = np.zeros(num_images, dtype=int)
+    known = ~np.isnan(values)
+    for i in range(num_images):
+        v = values[known & (image == i)]
+        counts[i] = len(v)
+        if len(v):
+            medians[i] = np.median(v)
+    return medians, counts
+
+
+def _relocalize(
+    obs: _Observations,
+    poses: np.ndarray,
+    cameras: list[pycolmap.Camera],
+    prior: PriorCameras,
+    diagonal: np.ndarray,
+    config: MappingConfig,
+    report: MappingReport,
+) -> tuple[_Observations, np.ndarray, list[int], set[int]]:
+    """Find frames whose prior pose contradicts their matches and re-localise them by RANSAC PnP.
+
+    Two tests: the prior's relative rotations against those of the matches (robust: a median over partner
+    images, so one failed frame does not implicate its partners), then, worst first, the error of each frame's
+    observations against points triangulated from the other frames (which also catches a wrong centre). A
+    failed frame whose PnP fails loses its observations (so it cannot distort the points) and is returned in
+    the failed set.
+    """
+    num_images = prior.num_images
+    relocalized: list[int] = []
+    failed: set[int] = set()
+
+    disagreement = _rotation_disagreement(obs, poses, cameras, diagonal, config)
+    report.rotation_disagreement_deg = {
+        prior.image_names[i]: float(d) for i, d in enumerate(disagreement) if np.isfinite(d)
+    }
+    if np.isfinite(disagreement).sum() >= 3:
+        typical = float(np.nanmedian(disagreement))
+        limit = max(config.relocalize_min_angle_deg, config.relocalize_angle_factor * typical)
+        suspects = [int(i) for i in np.argsort(-np.nan_to_num(disagreement, nan=-1.0)) if disagreement[i] > limit]
+        if suspects:
+            # Points from the trusted frames only.
+            points = triangulate_dlt(obs, poses, use=~np.isin(obs.image, suspects))
+            for i in suspects:
+                mask = (obs.image == i) & np.isfinite(points[obs.track]).all(axis=1)
+                pose = _pnp(obs.xy[mask], points[obs.track[mask]], cameras[i], diagonal[i], config)
+                if pose is not None:
+                    logger.info(
+                        "%s: prior rotation disagrees with the matches by %.1f deg (typical %.1f); re-localised",
+                        prior.image_names[i], disagreement[i], typical,
+                    )  # fmt: skip
+                    poses[i] = pose
+                    relocalized.append(i)
+                else:
+                    failed.add(i)
+            for i in failed:
+                _warn_failed(prior.image_names[i], f"its rotation disagrees with the matches by {disagreement[i]:.1f} deg")
+            obs = obs.select(~np.isin(obs.image, list(failed)))
+
+    checked = set(relocalized) | failed
+    for attempt in range(num_images):
+        loo = triangulate_dlt(obs, poses, leave_one_out=True)
+        errors = reprojection_errors(obs, loo, poses, cameras)
+        # Without a leave-one-out point the error is unknown (NaN); behind the camera it is large (inf).
+        errors[np.isnan(loo).any(axis=1)] = np.nan
+        medians, counts = _median_per_image(errors, obs.image, num_images)
+        if attempt == 0:
+            report.prior_median_error_px = {
+                prior.image_names[i]: float(medians[i]) for i in range(num_images) if counts[i]
+            }
+        usable = counts >= config.min_observations
+        if usable.sum() < 3:
+            break
+        typical = float(np.median(medians[usable]))
+        suspect = (
+            usable
+            & (medians > config.relocalize_error_factor * typical)
+            & (medians > config.relocalize_min_error * diagonal)
+        )
+        suspect[list(checked)] = False
+        if not suspect.any():
+            break
+        i = int(np.argmax(np.where(suspect, medians, -np.inf)))
+        checked.add(i)
+        known = (obs.image == i) & ~np.isnan(errors)
+        pose = _pnp(obs.xy[known], loo[known], cameras[i], diagonal[i], config)
+        new_median = np.inf
+        if pose is not None:
+            candidate = poses.copy()
+            candidate[i] = pose
+            new_median = float(np.median(reprojection_errors(obs, loo, candidate, cameras)[known]))
+        if new_median < 0.5 * medians[i]:
+            logger.info(
+                "%s: observations disagree with the other frames (median %.1f px, typical %.1f); re-localised (%.1f px)",
+                prior.image_names[i], medians[i], typical, new_median,
+            )  # fmt: skip
+            poses[i] = pose
+            relocalized.append(i)
+        elif pose is None and medians[i] > 2 * config.relocalize_error_factor * typical:
+            _warn_failed(prior.image_names[i], f"its observations are {medians[i]:.0f} px off (typical {typical:.0f})")
+            failed.add(i)
+            obs = obs.select(obs.image != i)
+    return obs, poses, relocalized, failed
+
+
+def _warn_failed(name: str, why: str) -> None:
+    logger.warning("%s: the predicted pose is wrong (%s) and re-localisation failed; it is kept, not refined", name, why)
+
+
+def _rotation_disagreement(
+    obs: _Observations, poses: np.ndarray, cameras: list[pycolmap.Camera], diagonal: np.ndarray, config: MappingConfig
+) -> np.ndarray:
+    """(S,) per image, the median over its partner images of the angle (deg) between the prior's relative
+    rotation and the one RANSAC finds in their correspondences; NaN without partners."""
+    first, second = obs.tracks.observation_pairs()
+    image_pairs = obs.image[first] * len(poses) + obs.image[second]
+    order = np.argsort(image_pairs, kind="stable")
+    keys, starts, counts = np.unique(image_pairs[order], return_index=True, return_counts=True)
+    enough = counts >= max(config.min_observations, 15)
+    # The best-connected partners of every image.
+    chosen = set()
+    for image in range(len(poses)):
+        mine = np.flatnonzero(enough & ((keys // len(poses) == image) | (keys % len(poses) == image)))
+        chosen.update(mine[np.argsort(-counts[mine])][: config.max_partners].tolist())
+    angles: list[list[float]] = [[] for _ in poses]
+    rng = np.random.default_rng(0)
+    options = pycolmap.RANSACOptions()
+    options.random_seed = 0
+    # Verified matches are mostly inliers: a few hundred trials find the pose; the rotation needs no polish.
+    options.min_num_trials = 10
+    options.max_num_trials = 300
+    for k in sorted(chosen):
+        i, j = divmod(int(keys[k]), len(poses))
+        rows = order[starts[k] : starts[k] + counts[k]]
+        if len(rows) > 64:  # plenty to tell a 2-degree error from a 20-degree one, and fast
+            rows = rng.choice(rows, 64, replace=False)
+        options.max_error = max(4.0, 0.004 * diagonal[i])
+        result = pycolmap.estimate_relative_pose(
+            cameras[i], obs.xy[first[rows]], cameras[j], obs.xy[second[rows]], options
+        )
+        if result is None or result["num_inliers"] < 0.5 * len(rows):
+            continue
+        measured = result["cam2_from_cam1"].rotation.matrix()
+        predicted = poses[j, :, :3] @ poses[i, :, :3].T
+        cosine = (np.trace(measured.T @ predicted) - 1.0) / 2.0
+        angle = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+        angles[i].append(angle)
+        angles[j].append(angle)
+    return np.array([np.median(a) if a else np.nan for a in angles])
+
+
+def _pnp(
+    xy: np.ndarray, points: np.ndarray, camera: pycolmap.Camera, diagonal: float, config: MappingConfig
+) -> np.ndarray | None:
+    """cam_from_world (3,4) of one frame from 2D-3D matches by RANSAC PnP and refinement, or None."""
+    if len(xy) < max(config.min_observations, 6):
+        return None
+    options = pycolmap.AbsolutePoseEstimationOptions()
+    options.ransac.max_error = config.pnp_max_error * diagonal
+    options.ransac.random_seed = 0
+    result = pycolmap.estimate_and_refine_absolute_pose(xy, points, camera, options)
+    if result is None or result["num_inliers"] < config.min_observations:
+        return None
+    return result["cam_from_world"].matrix()
+
+
+def _depth_points(
+    obs: _Observations, poses: np.ndarray, predictions: Predictions, min_confidence: float
+) -> np.ndarray:
+    """(num_tracks,3) median of the back-projected predicted depths of each track; NaN without confident depth."""
+    samples = np.full((obs.num, 3), np.nan)
+    for i in np.unique(obs.image):
+        mask = obs.image == i
+        depth, confidence = predictions.sample_depth(int(i), obs.xy[mask])
+        good = (depth > 0) & (confidence >= min_confidence)
+        rays = np.concatenate([obs.normalized[mask], np.ones((mask.sum(), 1))], axis=1) * depth[:, None]
+        R, t = poses[i, :, :3], poses[i, :, 3]
+        world = (rays - t) @ R
+        world[~good] = np.nan
+        samples[mask] = world
+    return _nanmedian_per_track(samples, obs.tracks)
+
+
+def _nanmedian_per_track(values: np.ndarray, tracks: Tracks) -> np.ndarray:
+    """(num_tracks, D) median over each track's rows, ignoring NaN rows."""
+    out = np.full((tracks.num_tracks, values.shape[1]), np.nan)
+    lengths = tracks.lengths()
+    padded = np.full((tracks.num_tracks, int(lengths.max(initial=0)), values.shape[1]), np.nan)
+    position = np.arange(tracks.num_observations) - tracks.offsets()[tracks.track_id]
+    padded[tracks.track_id, position] = values
+    has_value = ~np.isnan(padded[:, :, 0]).all(axis=1)
+    out[has_value] = np.nanmedian(padded[has_value], axis=1)
+    return out
+
+
+def _triangulation_angles(obs: _Observations, points: np.ndarray, poses: np.ndarray) -> np.ndarray:
+    """(num_tracks,) approximate largest angle (deg) between the viewing rays of each track.
+
+    Two sweeps (the ray farthest from the mean ray, then the ray farthest from that one) find the widest pair
+    in practice without forming all pairs.
+    """
+    R, t = poses[:, :, :3], poses[:, :, 3]
+    centers = -np.einsum("sji,sj->si", R, t)
+    rays = points[obs.track] - centers[obs.image]
+    rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+    starts = obs.tracks.offsets()[:-1]
+
+    def farthest_from(reference: np.ndarray) -> np.ndarray:
+        cosine = np.einsum("oi,oi->o", rays, reference[obs.track])
+        order = np.lexsort((cosine, obs.track))
+        return rays[order[starts]]
+
+    mean = np.add.reduceat(rays, starts, axis=0)
+    first = farthest_from(mean / np.linalg.norm(mean, axis=1, keepdims=True))
+    second = farthest_from(first)
+    return np.degrees(np.arccos(np.clip(np.einsum("ti,ti->t", first, second), -1.0, 1.0)))
+
+
+def _triangulate(
+    obs: _Observations,
+    poses: np.ndarray,
+    cameras: list[pycolmap.Camera],
+    prior: PriorCameras,
+    predictions: Predictions | None,
+    config: MappingConfig,
+    iterations: int = 3,
+) -> tuple[np.ndarray, _Observations]:
+    """Points of all tracks with outlier observations removed; returns (num_tracks,3) points and the kept obs."""
+    threshold = None
+    for _ in range(iterations):
+        if obs.tracks.num_tracks == 0:
+            break
+        points = triangulate_dlt(obs, poses)
+        if config.use_depth:
+            from_depth = _depth_points(obs, poses, predictions, config.min_depth_confidence)
+            has_depth = np.isfinite(from_depth).all(axis=1)
+            points[has_depth] = from_depth[has_depth]
+        errors = reprojection_errors(obs, points[obs.track], poses, cameras)
+        if threshold is None:
+            # Fixed after the first pass: re-estimating on the cleaned set would erode the inliers each pass.
+            medians, _ = _median_per_image(errors, obs.image, prior.num_images)
+            medians[~np.isfinite(medians)] = 0.0
+            threshold = np.maximum(config.max_reproj_error_px, config.outlier_factor * medians)
+        keep = errors <= threshold[obs.image]
+        narrow = _triangulation_angles(obs, points, poses) < config.min_tri_angle_deg
+        keep &= ~narrow[obs.track] & np.isfinite(points[obs.track]).all(axis=1)
+        if keep.all():
+            return points, obs
+        obs = obs.select(keep)
+    points = triangulate_dlt(obs, poses) if obs.tracks.num_tracks else np.zeros((0, 3))
+    if config.use_depth and obs.tracks.num_tracks:
+        from_depth = _depth_points(obs, poses, predictions, config.min_depth_confidence)
+        has_depth = np.isfinite(from_depth).all(axis=1)
+        points[has_depth] = from_depth[has_depth]
+    good = np.isfinite(points).all(axis=1)
+    if not good.all():
+        obs = obs.select(good[obs.track])
+        points = points[good]
+    return points, obs
+
+
+def _track_colors(
+    obs: _Observations, keypoints: list[np.ndarray], names: list[str], images_dir: Path | str | None
+) -> np.ndarray | None:
+    """(num_tracks,3) uint8 mean colour of each track's observed pixels, or None without images."""
+    if images_dir is None or obs.num == 0:
+        return None
+    sums = np.zeros((obs.tracks.num_tracks, 3))
+    samples = np.zeros((obs.num, 3))
+    for i in np.unique(obs.image):
+        image = read_image(Path(images_dir) / names[i])
+        height, width = image.shape[:2]
+        mask = obs.image == i
+        # COLMAP convention: pixel (c, r) covers [c, c+1) x [r, r+1).
+        col = np.clip(np.floor(obs.xy[mask, 0]).astype(int), 0, width - 1)
+        row = np.clip(np.floor(obs.xy[mask, 1]).astype(int), 0, height - 1)
+        samples[mask] = image[row, col]
+        del image
+    sums = np.add.reduceat(samples, obs.tracks.offsets()[:-1], axis=0)
+    return np.clip(np.round(sums / obs.tracks.lengths()[:, None]), 0, 255).astype(np.uint8)
+
+
+def _build_reconstruction(
+    prior: PriorCameras,
+    cameras: list[pycolmap.Camera],
+    keypoints: list[np.ndarray],
+    poses: np.ndarray,
+    points: np.ndarray,
+    obs: _Observations,
+    colors: np.ndarray | None,
+) -> pycolmap.Reconstruction:
+    rec = pycolmap.Reconstruction()
+    for camera in {c.camera_id: c for c in cameras}.values():
+        rec.add_camera_with_trivial_rig(camera)
+    for i, name in enumerate(prior.image_names):
+        image = pycolmap.Image(name=name, keypoints=keypoints[i], camera_id=cameras[i].camera_id, image_id=i + 1)
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(poses[i]))
+    offsets = obs.tracks.offsets()
+    image_ids = (obs.image + 1).tolist()
+    point2D_ids = obs.tracks.keypoint_index.tolist()
+    grey = np.array([128, 128, 128], dtype=np.uint8)
+    for t in range(obs.tracks.num_tracks):
+        elements = [pycolmap.TrackElement(image_ids[o], point2D_ids[o]) for o in range(offsets[t], offsets[t + 1])]
+        rec.add_point3D(points[t], pycolmap.Track(elements), grey if colors is None else colors[t])
+    return rec

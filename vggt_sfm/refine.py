@@ -1,0 +1,332 @@
+"""Bundle adjustment in rounds: BA -> filter observations -> re-triangulate / complete / merge tracks -> BA ...
+
+The first rounds use a robust loss (the initial model carries the prior's errors, tens of pixels), later ones
+the plain squared error. The principal point, which COLMAP keeps fixed by default, is refined in the final
+rounds when enough images share the camera: a principal point off the image centre otherwise biases every
+rotation by about atan(offset / focal). Images whose pose cannot be refined (too few observations) are held
+constant and, when there are any, the result is mapped back onto the prior's frame so that they stay in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pycolmap
+
+from .log import quiet_pycolmap
+
+if TYPE_CHECKING:
+    from .features import Features
+    from .matching import VerifiedMatches
+    from .tracks import Tracks
+
+logger = logging.getLogger(__name__)
+
+LOSSES = {
+    "trivial": pycolmap.LossFunctionType.TRIVIAL,
+    "soft_l1": pycolmap.LossFunctionType.SOFT_L1,
+    "cauchy": pycolmap.LossFunctionType.CAUCHY,
+    "huber": pycolmap.LossFunctionType.HUBER,
+}
+
+
+@dataclass
+class RefineConfig:
+    enabled: bool = True
+    rounds: int = 6  # BA rounds at most (each: BA, filter, re-triangulate); a final BA follows a changed model
+    robust_rounds: int = 1  # the first rounds use `loss`, the rest the squared error
+    loss: str = "cauchy"  # "cauchy" | "soft_l1" | "huber" | "trivial"
+    loss_scale_px: float = 1.0  # at least this; the robust rounds use the median initial error when larger
+    refine_focal_length: bool = True
+    refine_principal_point: bool = True  # in the final rounds, when a camera is seen by enough images
+    min_views_principal_point: int = 5
+    refine_extra_params: bool = True
+    max_reproj_error_px: float = 4.0
+    min_tri_angle_deg: float = 1.5
+    retriangulate: bool = True  # create, complete and merge tracks from the verified matches
+    max_change: float = 0.002  # stop when a round filters or adds fewer observations than this fraction
+    min_image_observations: int = 10  # fewer: the image's pose is held constant in that round
+    max_iterations: int = 100  # per BA (Ceres)
+
+
+@dataclass
+class RoundReport:
+    round: int
+    loss: str
+    refine_principal_point: bool
+    num_residuals: int
+    mean_reprojection_error: float  # after the BA of this round, before filtering
+    num_observations: int  # after filtering and re-triangulation
+    filtered: int  # observations removed
+    added: int  # observations created, completed or merged
+    termination: str
+    time_s: float
+
+
+@dataclass
+class RefineReport:
+    rounds: int = 0
+    mean_reprojection_error: float = float("nan")
+    num_points: int = 0
+    num_observations: int = 0
+    constant_images: list[str] = field(default_factory=list)
+    history: list[RoundReport] = field(default_factory=list)
+    time_s: float = 0.0
+
+
+def refine_reconstruction(
+    reconstruction: pycolmap.Reconstruction,
+    config: RefineConfig | None = None,
+    *,
+    verified: VerifiedMatches | None = None,
+    tracks: Tracks | None = None,
+    features: list[Features] | None = None,
+    constant_images: Collection[int] = (),
+) -> RefineReport:
+    """Bundle-adjust `reconstruction` in place, in rounds, and report each round.
+
+    Correspondences for re-triangulation come from `verified` (image index i = image_id - 1), or else from the
+    `tracks` (every two observations of a track); without either, rounds only adjust and filter.
+    `features`, when given, are checked against the images' keypoints. `constant_images` are image ids whose
+    poses stay as they are (e.g. the mapping report's `not_refined`).
+    """
+    start = time.perf_counter()
+    config = config or RefineConfig()
+    if config.loss not in LOSSES:
+        raise ValueError(f"RefineConfig.loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    if features is not None:
+        _check_features(reconstruction, features)
+    report = RefineReport()
+    rec = reconstruction
+    constant = {int(i) for i in constant_images if rec.exists_image(int(i))}
+    reference_poses = {i: rec.images[i].cam_from_world().matrix() for i in rec.reg_image_ids()} if constant else None
+
+    graph = _correspondence_graph(rec, verified, tracks, constant) if config.retriangulate else None
+    with quiet_pycolmap():
+        observations = pycolmap.ObservationManager(rec, graph) if graph is not None else pycolmap.ObservationManager(rec)
+        triangulator = pycolmap.IncrementalTriangulator(graph, rec, observations) if graph is not None else None
+        observations.filter_observations_with_negative_depth()
+        rec.update_point_3d_errors()
+        initial_errors = np.array([p.error for p in rec.points3D.values()])
+        robust_scale = max(config.loss_scale_px, float(np.median(initial_errors)) if len(initial_errors) else 0.0)
+
+        principal_point_possible = config.refine_principal_point and _enough_views(rec, config)
+        refine_pp = False
+        stable = False
+        last_changed = True
+        for index in range(config.rounds):
+            round_start = time.perf_counter()
+            robust = index < config.robust_rounds and config.loss != "trivial"
+            if principal_point_possible and not robust and not refine_pp and (stable or index == config.rounds - 1):
+                refine_pp = True
+            summary, held = _bundle_adjust(rec, config, robust, robust_scale, refine_pp, constant)
+            rec.update_point_3d_errors()
+            error = rec.compute_mean_reprojection_error()
+            filtered = observations.filter_all_points3D(config.max_reproj_error_px, config.min_tri_angle_deg)
+            added = (
+                _retriangulate(triangulator, rec, _triangulator_options(rec, config), constant | held)
+                if triangulator is not None
+                else 0
+            )
+            num_observations = rec.compute_num_observations()
+            change = (filtered + added) / max(num_observations, 1)
+            report.history.append(
+                RoundReport(
+                    round=index,
+                    loss=config.loss if robust else "trivial",
+                    refine_principal_point=refine_pp,
+                    num_residuals=int(summary.num_residuals) if summary is not None else 0,
+                    mean_reprojection_error=float(error),
+                    num_observations=int(num_observations),
+                    filtered=int(filtered),
+                    added=int(added),
+                    termination=str(summary.termination_type).split(".")[-1] if summary is not None else "skipped",
+                    time_s=time.perf_counter() - round_start,
+                )
+            )
+            logger.info(
+                "BA round %d (%s%s): %.3f px, %d observations, -%d +%d (%.1f s)",
+                index, report.history[-1].loss, ", principal point" if refine_pp else "", error, num_observations,
+                filtered, added, report.history[-1].time_s,
+            )  # fmt: skip
+            last_changed = filtered + added > 0
+            stable = change < config.max_change
+            if stable and not robust and (refine_pp or not principal_point_possible):
+                break
+        if last_changed and report.history:
+            # The model changed after its last adjustment: adjust once more so the result is a BA optimum.
+            summary, _ = _bundle_adjust(rec, config, False, robust_scale, refine_pp, constant)
+            observations.filter_all_points3D(config.max_reproj_error_px, config.min_tri_angle_deg)
+        rec.update_point_3d_errors()
+
+    if reference_poses:
+        _align_to_reference(rec, reference_poses, constant)
+    report.rounds = len(report.history)
+    report.num_points = rec.num_points3D()
+    report.num_observations = rec.compute_num_observations()
+    report.mean_reprojection_error = float(rec.compute_mean_reprojection_error()) if report.num_points else float("nan")
+    report.constant_images = sorted(rec.images[i].name for i in constant)
+    report.time_s = time.perf_counter() - start
+    return report
+
+
+def _check_features(rec: pycolmap.Reconstruction, features: list[Features]) -> None:
+    for image_id, image in rec.images.items():
+        index = image_id - 1
+        if index >= len(features) or len(features[index].keypoints) != image.num_points2D():
+            raise ValueError(f"image {image.name}: the features do not belong to this reconstruction")
+
+
+def _enough_views(rec: pycolmap.Reconstruction, config: RefineConfig) -> bool:
+    """Whether every camera is seen by enough registered images to refine its principal point."""
+    views: dict[int, int] = {}
+    for image_id in rec.reg_image_ids():
+        camera_id = rec.images[image_id].camera_id
+        views[camera_id] = views.get(camera_id, 0) + 1
+    return bool(views) and min(views.values()) >= config.min_views_principal_point
+
+
+def _correspondence_graph(
+    rec: pycolmap.Reconstruction,
+    verified: VerifiedMatches | None,
+    tracks: Tracks | None,
+    constant: set[int],
+) -> pycolmap.CorrespondenceGraph | None:
+    """Matches between images as COLMAP's correspondence graph; constant images get none (their poses may be
+    wrong, so new observations in them would only add error)."""
+    if verified is not None:
+        pairs = [(int(i), int(j), np.asarray(m, dtype=np.uint32).reshape(-1, 2)) for (i, j), m in zip(verified.pairs, verified.matches)]
+    elif tracks is not None and tracks.num_observations:
+        pairs = [(i, j, matches.astype(np.uint32)) for (i, j), matches in tracks.image_pair_matches().items()]
+    else:
+        return None
+    graph = pycolmap.CorrespondenceGraph()
+    for image_id, image in rec.images.items():
+        graph.add_image(image_id, image.num_points2D())
+    for i, j, matches in pairs:
+        id1, id2 = i + 1, j + 1
+        if len(matches) == 0 or id1 == id2 or id1 in constant or id2 in constant:
+            continue
+        if not (rec.exists_image(id1) and rec.exists_image(id2)):
+            continue
+        geometry = pycolmap.TwoViewGeometry()
+        geometry.config = int(pycolmap.TwoViewGeometryConfiguration.CALIBRATED)
+        geometry.inlier_matches = matches
+        graph.add_two_view_geometry(id1, id2, geometry)
+    graph.finalize()
+    return graph
+
+
+def _bundle_adjust(
+    rec: pycolmap.Reconstruction,
+    config: RefineConfig,
+    robust: bool,
+    robust_scale: float,
+    refine_pp: bool,
+    constant: set[int],
+) -> tuple[pycolmap.BundleAdjustmentSummary | None, set[int]]:
+    """One BA over all registered images; returns the summary and the images held for lack of observations."""
+    options = pycolmap.BundleAdjustmentOptions()
+    options.refine_focal_length = config.refine_focal_length
+    options.refine_principal_point = refine_pp
+    options.refine_extra_params = config.refine_extra_params
+    options.print_summary = False
+    options.ceres.loss_function_type = LOSSES[config.loss] if robust else pycolmap.LossFunctionType.TRIVIAL
+    options.ceres.loss_function_scale = robust_scale
+    options.ceres.solver_options.max_num_iterations = config.max_iterations
+
+    ba_config = pycolmap.BundleAdjustmentConfig()
+    held = set()
+    for image_id in rec.reg_image_ids():
+        image = rec.images[image_id]
+        ba_config.add_image(image_id)
+        if image_id in constant or image.num_points3D < config.min_image_observations:
+            ba_config.set_constant_rig_from_world_pose(image.frame_id)
+            if image_id not in constant:
+                held.add(image_id)
+    if held:
+        logger.warning(
+            "holding %d image(s) with fewer than %d observations: %s",
+            len(held), config.min_image_observations, ", ".join(rec.images[i].name for i in sorted(held)),
+        )  # fmt: skip
+    if rec.num_points3D() == 0:
+        return None, held
+    ba_config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+    adjuster = pycolmap.create_default_bundle_adjuster(options, ba_config, rec)
+    summary = adjuster.solve()
+    if not summary.is_solution_usable():
+        logger.warning("bundle adjustment did not produce a usable solution (%s)", summary.termination_type)
+    return summary, held
+
+
+def _triangulator_options(rec: pycolmap.Reconstruction, config: RefineConfig) -> pycolmap.IncrementalTriangulatorOptions:
+    """COLMAP's options, with thresholds no looser than the filter's, so new observations are not filtered
+    again in the next round (which would keep the rounds from settling)."""
+    options = pycolmap.IncrementalTriangulatorOptions()
+    focal = max(camera.mean_focal_length() for camera in rec.cameras.values())
+    angle = float(np.degrees(np.arctan2(config.max_reproj_error_px, focal)))
+    options.create_max_angle_error = min(options.create_max_angle_error, angle)
+    options.continue_max_angle_error = min(options.continue_max_angle_error, angle)
+    options.complete_max_reproj_error = min(options.complete_max_reproj_error, config.max_reproj_error_px)
+    options.merge_max_reproj_error = min(options.merge_max_reproj_error, config.max_reproj_error_px)
+    options.min_angle = max(options.min_angle, config.min_tri_angle_deg)
+    return options
+
+
+def _retriangulate(
+    triangulator: pycolmap.IncrementalTriangulator,
+    rec: pycolmap.Reconstruction,
+    options: pycolmap.IncrementalTriangulatorOptions,
+    skip: set[int],
+) -> int:
+    """New tracks, continued tracks, completed and merged tracks; returns the observations added."""
+    added = 0
+    for image_id in sorted(rec.reg_image_ids()):
+        if image_id not in skip:
+            added += triangulator.triangulate_image(options, image_id)
+    added += triangulator.complete_all_tracks(options)
+    added += triangulator.merge_all_tracks(options)
+    return added
+
+
+def _align_to_reference(
+    rec: pycolmap.Reconstruction, reference_poses: dict[int, np.ndarray], constant: set[int]
+) -> None:
+    """Map the refined model onto the frame it started in, keeping the constant images' poses unchanged.
+
+    The rotation comes from the cameras' orientations (centres alone leave it loose when the cameras stand
+    on a line), scale and translation from the centres.
+    """
+    variable = [i for i in reference_poses if i not in constant and rec.exists_image(i)]
+    if len(variable) < 2:
+        return
+    held_poses = {i: rec.images[i].cam_from_world() for i in constant if rec.exists_image(i)}
+    refined = np.array([rec.images[i].cam_from_world().matrix() for i in variable])
+    reference = np.array([reference_poses[i] for i in variable])
+    # R_refined = R_reference @ Q for the world rotation Q (refined -> reference); chordal mean over images.
+    u, _, vt = np.linalg.svd(np.einsum("nji,njk->ik", reference[:, :, :3], refined[:, :, :3]))
+    Q = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+
+    def centers(poses: np.ndarray) -> np.ndarray:
+        return -np.einsum("nji,nj->ni", poses[:, :, :3], poses[:, :, 3])
+
+    source = centers(refined) @ Q.T
+    target = centers(reference)
+    source_centered = source - source.mean(axis=0)
+    target_centered = target - target.mean(axis=0)
+    denominator = float(np.sum(source_centered**2))
+    if denominator <= 0:
+        return
+    scale = float(np.sum(source_centered * target_centered)) / denominator
+    if scale <= 0:
+        return
+    translation = target.mean(axis=0) - scale * source.mean(axis=0)
+    rec.transform(pycolmap.Sim3d(scale, pycolmap.Rotation3d(Q), translation))
+    for image_id, pose in held_poses.items():
+        image = rec.images[image_id]
+        rec.frames[image.frame_id].set_cam_from_world(image.camera_id, pose)
