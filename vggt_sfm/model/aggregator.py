@@ -106,7 +106,7 @@ class Aggregator(nn.Module):
 
         mean = images.new_tensor(IMAGE_MEAN).view(3, 1, 1)
         std = images.new_tensor(IMAGE_STD).view(3, 1, 1)
-        patch_tokens = self.patch_embed(((images - mean) / std).view(b * s, 3, h, w))
+        patch_tokens = self.patch_embed(((images - mean) / std).reshape(b * s, 3, h, w))
         tokens = torch.cat(
             (self._per_frame(self.camera_token, b, s), self._per_frame(self.register_token, b, s), patch_tokens),
             dim=1,

@@ -86,13 +86,16 @@ class VGGTConfig:
     def from_meta(cls, meta: str | dict[str, Any]) -> VGGTConfig:
         """Config from a parity fixture's `meta_json` (a JSON string or dict with a "config" entry).
 
-        Keys that are not fields of VGGTConfig are ignored; lists become tuples.
+        Every key must be a field of VGGTConfig (an unknown one would be a silently ignored difference);
+        lists become tuples.
         """
         if isinstance(meta, str):
             meta = json.loads(meta)
         values = meta.get("config", meta)
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown VGGT config keys {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 class VGGT(nn.Module):

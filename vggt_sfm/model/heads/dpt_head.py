@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .head_act import activate_dense
+from .pos_embed import uv_pos_embed
 
 
 class ResidualConvUnit(nn.Module):
@@ -61,29 +62,6 @@ class FeatureFusionBlock(nn.Module):
             size = (2 * x.shape[-2], 2 * x.shape[-1])
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
         return self.out_conv(x)
-
-
-def _sincos(dim: int, positions: torch.Tensor, omega_0: float = 100.0) -> torch.Tensor:
-    """[M] positions -> [M, dim] = [sin(p * w_k), cos(p * w_k)], w_k = omega_0**(-k / (dim/2)), float64 math."""
-    omega = 1.0 / omega_0 ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2))
-    angles = positions.double()[:, None] * omega
-    return torch.cat((angles.sin(), angles.cos()), dim=1).float()
-
-
-def uv_pos_embed(
-    channels: int, h: int, w: int, aspect: float, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sinusoidal embedding of a uv grid spanning the image diagonal (unit length), in two separable halves.
-
-    The first channels/2 channels encode u (the column) and are returned as [channels/2, 1, w]; the
-    last channels/2 encode v (the row), returned as [channels/2, h, 1]. Broadcast, they are the
-    [channels, h, w] embedding. `aspect` = W / H of the image, the same at every feature resolution.
-    """
-    diag = (aspect**2 + 1.0) ** 0.5
-    span_u, span_v = aspect / diag, 1.0 / diag
-    u = torch.linspace(-span_u * (w - 1) / w, span_u * (w - 1) / w, w, dtype=torch.float32, device=device)
-    v = torch.linspace(-span_v * (h - 1) / h, span_v * (h - 1) / h, h, dtype=torch.float32, device=device)
-    return _sincos(channels // 2, u).T[:, None, :], _sincos(channels // 2, v).T[:, :, None]
 
 
 class DPTHead(nn.Module):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Mlp
+from .pos_embed import grid_sincos_embed, motion_embed
 
 
 def sample_bilinear(
@@ -31,33 +32,6 @@ def sample_bilinear(
     grid = (xy * scale - 1).reshape(xy.shape[0], -1, 1, 2) if xy.dim() == 3 else xy * scale - 1
     out = F.grid_sample(maps, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
     return out.reshape(*out.shape[:2], *xy.shape[1:-1])
-
-
-def grid_sincos_embed(dim: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-    """2D sinusoidal embedding [1, dim, h, w] of integer pixel positions: first half x, second half y.
-
-    Each half is [sin(p * w_k), cos(p * w_k)] with w_k = 10000**(-k / (dim/4)).
-    """
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
-
-    def embed(positions: torch.Tensor) -> torch.Tensor:
-        angles = positions.double()[:, None] * omega
-        return torch.cat((angles.sin(), angles.cos()), dim=1).float().T  # [dim/2, len]
-
-    ex = embed(torch.arange(w, device=device))[:, None, :].expand(-1, h, -1)
-    ey = embed(torch.arange(h, device=device))[:, :, None].expand(-1, -1, w)
-    return torch.cat((ex, ey), dim=0)[None]
-
-
-def motion_embed(flows: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding [..., 2*dim] of 2D displacements [..., 2]: x then y, sin/cos interleaved.
-
-    Frequencies are k * 1000 / dim for even k < dim (linear, as in the reference tracker).
-    """
-    freqs = torch.arange(0, dim, 2, device=flows.device, dtype=torch.float32) * (1000.0 / dim)
-    angles = flows[..., None].float() * freqs  # [..., 2, dim/2]
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-3)
 
 
 class CorrelationPyramid:
@@ -221,8 +195,8 @@ class TrackerPredictor(nn.Module):
         track_feats = track_feats[:, None].expand(b, s, n, c)
         pyramid = CorrelationPyramid(fmaps, self.corr_levels, self.corr_radius)
         # The query position never changes, so its (bilinearly sampled) position embedding is fixed.
-        pos = sample_bilinear(grid_sincos_embed(self.transformer_dim, hh, ww, fmaps.device).expand(b, -1, -1, -1), queries)
-        pos = pos.transpose(1, 2).reshape(b * n, 1, -1)
+        grid_embed = grid_sincos_embed(self.transformer_dim, hh, ww, fmaps.device).expand(b, -1, -1, -1)
+        pos = sample_bilinear(grid_embed, queries).transpose(1, 2).reshape(b * n, 1, -1)
         ref = torch.cat((self.query_ref_token[:, :1], self.query_ref_token[:, 1:].expand(-1, s - 1, -1)), dim=1)
 
         tracks = []
