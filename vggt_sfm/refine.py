@@ -45,7 +45,14 @@ class RefineConfig:
     refine_focal_length: bool = True
     refine_principal_point: bool = True  # in the final rounds, when a camera is seen by enough images
     min_views_principal_point: int = 5
+    min_fov_principal_point_deg: float = 40.0  # narrower views cannot tell the principal point from rotation
     refine_extra_params: bool = True
+    min_fov_extra_params_deg: float = 30.0  # (diagonal field of view) nor distortion from focal length
+    # Intrinsics a round may not produce (it is then redone with those parameters held at their last values):
+    max_principal_point_offset: float = 0.05  # from the image centre, fraction of the image diagonal
+    max_focal_aspect: float = 0.05  # |fx / fy - 1|
+    max_focal_change: float = 0.5  # |f / f_initial - 1|
+    max_distortion: float = 0.05  # largest displacement within the image, fraction of the diagonal
     max_reproj_error_px: float = 4.0
     min_tri_angle_deg: float = 1.5
     retriangulate: bool = True  # create, complete and merge tracks from the verified matches
@@ -60,7 +67,7 @@ class RoundReport:
     loss: str
     refine_principal_point: bool
     num_residuals: int
-    mean_reprojection_error: float  # after the BA of this round, before filtering
+    mean_reprojection_error: float  # after the round (BA, filtering, re-triangulation)
     num_observations: int  # after filtering and re-triangulation
     filtered: int  # observations removed
     added: int  # observations created, completed or merged
@@ -75,6 +82,7 @@ class RefineReport:
     num_points: int = 0
     num_observations: int = 0
     constant_images: list[str] = field(default_factory=list)
+    refined_intrinsics: list[str] = field(default_factory=list)  # "focal", "principal_point", "extra"
     history: list[RoundReport] = field(default_factory=list)
     time_s: float = 0.0
 
@@ -115,53 +123,66 @@ def refine_reconstruction(
         initial_errors = np.array([p.error for p in rec.points3D.values()])
         robust_scale = max(config.loss_scale_px, float(np.median(initial_errors)) if len(initial_errors) else 0.0)
 
-        principal_point_possible = config.refine_principal_point and _enough_views(rec, config)
-        refine_pp = False
+        initial_focal = {camera_id: camera.mean_focal_length() for camera_id, camera in rec.cameras.items()}
+        fov = min(_diagonal_fov_deg(camera) for camera in rec.cameras.values())
+        refine = {
+            "focal": config.refine_focal_length,
+            "principal_point": False,  # switched on in the final rounds
+            "extra": config.refine_extra_params and fov >= config.min_fov_extra_params_deg,
+        }
+        principal_point_possible = (
+            config.refine_principal_point
+            and fov >= config.min_fov_principal_point_deg
+            and _enough_views(rec, config)
+        )
         stable = False
         last_changed = True
         for index in range(config.rounds):
             round_start = time.perf_counter()
             robust = index < config.robust_rounds and config.loss != "trivial"
-            if principal_point_possible and not robust and not refine_pp and (stable or index == config.rounds - 1):
-                refine_pp = True
-            summary, held = _bundle_adjust(rec, config, robust, robust_scale, refine_pp, constant)
-            rec.update_point_3d_errors()
-            error = rec.compute_mean_reprojection_error()
+            if principal_point_possible and not robust and not refine["principal_point"]:
+                refine["principal_point"] = stable or index == config.rounds - 1
+            summary, held = _guarded_bundle_adjust(rec, config, robust, robust_scale, refine, constant, initial_focal)
+            if "principal_point" in summary.frozen:
+                principal_point_possible = False
             filtered = observations.filter_all_points3D(config.max_reproj_error_px, config.min_tri_angle_deg)
             added = (
                 _retriangulate(triangulator, rec, _triangulator_options(rec, config), constant | held)
                 if triangulator is not None
                 else 0
             )
+            rec.update_point_3d_errors()
+            error = rec.compute_mean_reprojection_error()
             num_observations = rec.compute_num_observations()
             change = (filtered + added) / max(num_observations, 1)
             report.history.append(
                 RoundReport(
                     round=index,
                     loss=config.loss if robust else "trivial",
-                    refine_principal_point=refine_pp,
-                    num_residuals=int(summary.num_residuals) if summary is not None else 0,
+                    refine_principal_point=refine["principal_point"],
+                    num_residuals=summary.num_residuals,
                     mean_reprojection_error=float(error),
                     num_observations=int(num_observations),
                     filtered=int(filtered),
                     added=int(added),
-                    termination=str(summary.termination_type).split(".")[-1] if summary is not None else "skipped",
+                    termination=summary.termination,
                     time_s=time.perf_counter() - round_start,
                 )
             )
             logger.info(
                 "BA round %d (%s%s): %.3f px, %d observations, -%d +%d (%.1f s)",
-                index, report.history[-1].loss, ", principal point" if refine_pp else "", error, num_observations,
-                filtered, added, report.history[-1].time_s,
+                index, report.history[-1].loss, ", principal point" if refine["principal_point"] else "", error,
+                num_observations, filtered, added, report.history[-1].time_s,
             )  # fmt: skip
             last_changed = filtered + added > 0
             stable = change < config.max_change
-            if stable and not robust and (refine_pp or not principal_point_possible):
+            if stable and not robust and (refine["principal_point"] or not principal_point_possible):
                 break
         if last_changed and report.history:
             # The model changed after its last adjustment: adjust once more so the result is a BA optimum.
-            summary, _ = _bundle_adjust(rec, config, False, robust_scale, refine_pp, constant)
+            _guarded_bundle_adjust(rec, config, False, robust_scale, refine, constant, initial_focal)
             observations.filter_all_points3D(config.max_reproj_error_px, config.min_tri_angle_deg)
+        report.refined_intrinsics = [name for name, on in refine.items() if on]
         rec.update_point_3d_errors()
 
     if reference_poses:
@@ -222,19 +243,93 @@ def _correspondence_graph(
     return graph
 
 
+@dataclass
+class _Adjustment:
+    num_residuals: int = 0
+    termination: str = "skipped"
+    frozen: list[str] = field(default_factory=list)  # intrinsics held after an implausible result
+
+
+def _guarded_bundle_adjust(
+    rec: pycolmap.Reconstruction,
+    config: RefineConfig,
+    robust: bool,
+    robust_scale: float,
+    refine: dict[str, bool],
+    constant: set[int],
+    initial_focal: dict[int, float],
+) -> tuple[_Adjustment, set[int]]:
+    """BA; when it produces implausible intrinsics, restore them, hold the offending ones (in `refine`, for
+    the rounds to come too) and adjust again."""
+    result = _Adjustment()
+    while True:
+        before = {camera_id: camera.params.copy() for camera_id, camera in rec.cameras.items()}
+        summary, held = _bundle_adjust(rec, config, robust, robust_scale, refine, constant)
+        if summary is not None:
+            result.num_residuals = int(summary.num_residuals)
+            result.termination = str(summary.termination_type).split(".")[-1]
+        implausible = [k for k in _implausible_intrinsics(rec, config, initial_focal) if refine.get(k)]
+        if not implausible:
+            return result, held
+        for camera_id, params in before.items():
+            rec.cameras[camera_id].params = params
+        for key in implausible:
+            refine[key] = False
+        result.frozen += implausible
+        logger.warning("bundle adjustment made implausible intrinsics (%s); holding them", ", ".join(implausible))
+
+
+def _implausible_intrinsics(
+    rec: pycolmap.Reconstruction, config: RefineConfig, initial_focal: dict[int, float]
+) -> list[str]:
+    """Which intrinsics ("focal", "principal_point", "extra") of any camera are out of the plausible range."""
+    bad = set()
+    for camera_id, camera in rec.cameras.items():
+        diagonal = float(np.hypot(camera.width, camera.height))
+        offset = np.hypot(camera.principal_point_x - camera.width / 2, camera.principal_point_y - camera.height / 2)
+        if offset > config.max_principal_point_offset * diagonal:
+            bad.add("principal_point")
+        focal_x, focal_y = camera.focal_length_x, camera.focal_length_y
+        if abs(focal_x / focal_y - 1) > config.max_focal_aspect:
+            bad.add("focal")
+        if abs(camera.mean_focal_length() / initial_focal[camera_id] - 1) > config.max_focal_change:
+            bad.add("focal")
+        if len(camera.extra_params_idxs()) and _max_distortion_px(camera) > config.max_distortion * diagonal:
+            bad.add("extra")
+    return sorted(bad)
+
+
+def _max_distortion_px(camera: pycolmap.Camera) -> float:
+    """Largest displacement between distorted and ideal pinhole pixels, over a grid spanning the image."""
+    x, y = np.meshgrid(np.linspace(0, camera.width, 9), np.linspace(0, camera.height, 9))
+    pixels = np.stack([x.ravel(), y.ravel()], axis=1)
+    normalized = camera.cam_from_img(pixels)
+    if not np.all(np.isfinite(normalized)):
+        return float("inf")
+    ideal = normalized * [camera.focal_length_x, camera.focal_length_y] + [
+        camera.principal_point_x,
+        camera.principal_point_y,
+    ]
+    return float(np.max(np.linalg.norm(ideal - pixels, axis=1)))
+
+
+def _diagonal_fov_deg(camera: pycolmap.Camera) -> float:
+    return float(np.degrees(2 * np.arctan2(0.5 * np.hypot(camera.width, camera.height), camera.mean_focal_length())))
+
+
 def _bundle_adjust(
     rec: pycolmap.Reconstruction,
     config: RefineConfig,
     robust: bool,
     robust_scale: float,
-    refine_pp: bool,
+    refine: dict[str, bool],
     constant: set[int],
 ) -> tuple[pycolmap.BundleAdjustmentSummary | None, set[int]]:
     """One BA over all registered images; returns the summary and the images held for lack of observations."""
     options = pycolmap.BundleAdjustmentOptions()
-    options.refine_focal_length = config.refine_focal_length
-    options.refine_principal_point = refine_pp
-    options.refine_extra_params = config.refine_extra_params
+    options.refine_focal_length = refine["focal"]
+    options.refine_principal_point = refine["principal_point"]
+    options.refine_extra_params = refine["extra"]
     options.print_summary = False
     options.ceres.loss_function_type = LOSSES[config.loss] if robust else pycolmap.LossFunctionType.TRIVIAL
     options.ceres.loss_function_scale = robust_scale
