@@ -12,6 +12,7 @@ included) are its own. Accuracy is `vggt_sfm.evaluation.evaluate` against the se
     python benchmarks/bench_pipeline.py                       # all sets, print the table
     python benchmarks/bench_pipeline.py --sets templeSR --methods colmap
     python benchmarks/bench_pipeline.py --readme              # also write the table into benchmarks/README.md
+    python benchmarks/bench_pipeline.py --methods --merge-json a.json b.json --readme   # table from saved runs
 """
 
 from __future__ import annotations
@@ -207,10 +208,12 @@ def write_readme_section(table: str, rows: list[dict], threads: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per method and set")
     parser.add_argument("--json", type=Path, help="also write all rows to this file")
+    parser.add_argument("--merge-json", nargs="+", type=Path, default=[],
+                        help="rows saved by earlier runs (--json) to put in the table; this run's rows take precedence")
     parser.add_argument("--readme", action="store_true", help="write the table into benchmarks/README.md")
     parser.add_argument("--worker", nargs=2, metavar=("SET", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -222,12 +225,16 @@ def main() -> int:
         return 0
 
     rows = []
+    for path in args.merge_json:
+        rows.extend(json.loads(path.read_text()))
     for set_name in args.sets:
         for method in args.methods:
             row = run_in_subprocess(set_name, method, args.threads, args.timeout)
-            rows.append(row)
+            rows = [r for r in rows if (r["set"], r["method"]) != (set_name, method)] + [row]
             status = row.get("error") or f"AUC@30 {100 * row['auc@30']:.1f}, time {_fmt(row.get('time_s'), '.1f')} s"
             print(f"[{set_name} / {method}] {status}", file=sys.stderr, flush=True)
+    order = {name: i for i, name in enumerate(SETS)}
+    rows.sort(key=lambda r: (order[r["set"]], METHODS.index(r["method"])))
     table = format_table(rows)
     print(table)
     if args.json:
