@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pycolmap
 import torch
+from scipy.spatial.transform import Rotation
 
 from . import log
 from .errors import UserError
@@ -59,7 +60,8 @@ class MatchingConfig:
     tolerance_factor: float = 4.0  # tolerance = factor * that percentile (clamped)
     fallback_ratio: float = 0.6  # try RANSAC when fewer than this fraction of raw matches fit the prior
     fallback_gain: float = 1.5  # ... and use it when it explains this many times more matches
-    refine_iterations: int = 3  # corrections of the prior relative pose on the matches (0: the raw prior)
+    refine_iterations: int = 3  # corrections of the prior geometry on the matches (0: the raw prior)
+    refine_max_matches: int = 300  # matches used per correction
     guided_band_factor: float = 1.5  # guided matching searches this multiple of the verification tolerance
     ransac_threshold_px: float = 4.0  # COLMAP's max_error, in original pixels
     min_inliers: int = 15
@@ -217,7 +219,12 @@ def _sampson_band(points_i: np.ndarray, points_j: np.ndarray, F: np.ndarray, tol
 
 
 def guided_matches(
-    features_i, features_j, camera_i: pycolmap.Camera, camera_j: pycolmap.Camera, cam_j_from_cam_i, config
+    features_i,
+    features_j,
+    K_i: np.ndarray,
+    K_j: np.ndarray,
+    cam_j_from_cam_i: pycolmap.Rigid3d,
+    config: MatchingConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest-neighbour matches searched inside the epipolar band of the prior, corrected on seed matches.
 
@@ -229,9 +236,7 @@ def guided_matches(
     seeds, seed_scores = mutual_nn_ratio(
         features_i.descriptors, features_j.descriptors, config.ratio, config.max_distance
     )
-    geometry = fit_prior_geometry(
-        features_i, features_j, seeds, camera_i, camera_j, cam_j_from_cam_i, config
-    )
+    geometry = fit_prior_geometry(features_i, features_j, seeds, K_i, K_j, cam_j_from_cam_i, config)
     if len(seeds) >= config.min_inliers and geometry.inliers.mean() < config.fallback_ratio:
         return seeds, seed_scores
     band = _sampson_band(
@@ -268,8 +273,7 @@ def match_pairs(
 
         def match(i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
             return guided_matches(
-                features[i], features[j], pinhole_camera(prior, i), pinhole_camera(prior, j),
-                relative_pose(prior, i, j), config,
+                features[i], features[j], prior.intrinsics[i], prior.intrinsics[j], relative_pose(prior, i, j), config
             )
 
     matches, scores = [], []
@@ -331,10 +335,6 @@ def pinhole_camera(prior: PriorCameras, index: int) -> pycolmap.Camera:
     )
 
 
-def _calibration(camera: pycolmap.Camera) -> np.ndarray:
-    return np.asarray(camera.calibration_matrix(), dtype=np.float64)
-
-
 def tolerance_bounds(features_i, features_j, config: MatchingConfig) -> tuple[float, float]:
     """(lowest, highest) Sampson tolerance of a pair in original pixels.
 
@@ -361,55 +361,135 @@ class PairGeometry:
     """The prior's two-view geometry of a pair after correcting it on the pair's matches."""
 
     F: np.ndarray  # (3,3) x_j^T F x_i = 0
-    cam_j_from_cam_i: pycolmap.Rigid3d
     tolerance: float  # Sampson tolerance in pixels
     inliers: np.ndarray  # (M,) bool over the matches it was fitted to
     prior_tolerance: float  # the tolerance under the uncorrected prior: how wrong the prior was
+
+
+def _cross_matrices(t: np.ndarray) -> np.ndarray:
+    """(B,3,3) [t]_x of (B,3) vectors."""
+    zero = np.zeros(len(t))
+    return np.stack(
+        [
+            np.stack([zero, -t[:, 2], t[:, 1]], axis=1),
+            np.stack([t[:, 2], zero, -t[:, 0]], axis=1),
+            np.stack([-t[:, 1], t[:, 0], zero], axis=1),
+        ],
+        axis=1,
+    )
+
+
+def _corrected_fundamentals(params: np.ndarray, K_i, K_j, R0, t0) -> np.ndarray:
+    """(B,3,3) F for (B,8) corrections of a relative pose and focal lengths.
+
+    params: rotation vector applied to R0 (3), offset of the unit translation t0 (3), log focal scales of i, j (2).
+    """
+    R = Rotation.from_rotvec(params[:, :3]).as_matrix() @ R0
+    t = t0[None] + params[:, 3:6]
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    inv_K_i = np.linalg.inv(K_i)[None].repeat(len(params), axis=0)
+    inv_K_j = np.linalg.inv(K_j)[None].repeat(len(params), axis=0)
+    # Scaling the focal lengths scales the first two rows of K^-1 by the inverse factor.
+    inv_K_i[:, :2] *= np.exp(-params[:, 6])[:, None, None]
+    inv_K_j[:, :2] *= np.exp(-params[:, 7])[:, None, None]
+    return np.transpose(inv_K_j, (0, 2, 1)) @ _cross_matrices(t) @ R @ inv_K_i
+
+
+def _signed_sampson(F: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(B,N) signed Sampson distances of homogeneous points x (N,3) in i and y (N,3) in j under (B,3,3) F."""
+    Fx = np.einsum("bkl,nl->bnk", F, x)
+    Fty = np.einsum("bkl,nk->bnl", F, y)
+    algebraic = np.einsum("nk,bnk->bn", y, Fx)
+    return algebraic / np.sqrt(Fx[..., 0] ** 2 + Fx[..., 1] ** 2 + Fty[..., 0] ** 2 + Fty[..., 1] ** 2 + 1e-300)
+
+
+def refine_fundamental(
+    points_i: np.ndarray,
+    points_j: np.ndarray,
+    K_i: np.ndarray,
+    K_j: np.ndarray,
+    cam_j_from_cam_i: pycolmap.Rigid3d,
+    scale: float,
+    iterations: int = 15,
+) -> np.ndarray:
+    """F of the relative pose and focal lengths corrected to fit correspondences (robust Sampson least squares).
+
+    The prior's intrinsics can be off by several percent, which a calibrated refinement cannot absorb; freeing the
+    two focal lengths gives F its 7 degrees of freedom while staying in the prior's parametrisation. Gauss-Newton
+    with Cauchy weights (scale in pixels) and Levenberg damping, on forward-difference Jacobians.
+    """
+    x = np.concatenate([points_i, np.ones((len(points_i), 1))], axis=1)
+    y = np.concatenate([points_j, np.ones((len(points_j), 1))], axis=1)
+    R0 = cam_j_from_cam_i.rotation.matrix()
+    t0 = np.asarray(cam_j_from_cam_i.translation, dtype=np.float64)
+    t0 = t0 / np.linalg.norm(t0)
+    params = np.zeros(8)
+    step = 1e-6
+    damping = 1e-3
+
+    def evaluate(p: np.ndarray) -> tuple[np.ndarray, float]:
+        residuals = _signed_sampson(_corrected_fundamentals(p[None], K_i, K_j, R0, t0), x, y)[0]
+        return residuals, float(np.sum(np.log1p((residuals / scale) ** 2)))
+
+    residuals, cost = evaluate(params)
+    for _ in range(iterations):
+        probes = params[None] + step * np.eye(8)
+        jacobian = (_signed_sampson(_corrected_fundamentals(probes, K_i, K_j, R0, t0), x, y) - residuals) / step
+        weights = 1.0 / (1.0 + (residuals / scale) ** 2)
+        JtW = jacobian * weights[None]
+        normal = JtW @ jacobian.T
+        gradient = JtW @ residuals
+        # The translation's scale is free (a null direction); the damping keeps the system regular.
+        update = np.linalg.solve(normal + damping * (np.diag(np.diag(normal)) + 1e-12 * np.eye(8)), -gradient)
+        candidate, candidate_cost = evaluate(params + update)
+        if candidate_cost < cost:
+            params, residuals, converged = params + update, candidate, cost - candidate_cost < 1e-6 * cost
+            cost = candidate_cost
+            damping = max(damping / 10, 1e-9)
+            if converged:
+                break
+        else:
+            damping *= 10
+    F = _corrected_fundamentals(params[None], K_i, K_j, R0, t0)[0]
+    return F / np.linalg.norm(F)
 
 
 def fit_prior_geometry(
     features_i,
     features_j,
     matches: np.ndarray,
-    camera_i: pycolmap.Camera,
-    camera_j: pycolmap.Camera,
+    K_i: np.ndarray,
+    K_j: np.ndarray,
     cam_j_from_cam_i: pycolmap.Rigid3d,
     config: MatchingConfig,
 ) -> PairGeometry:
-    """Inliers of a pair under its prior relative pose, corrected on the matches that fit it.
+    """Inliers of a pair under its prior geometry, corrected on the matches that fit it.
 
-    The matches within the prior's tolerance (scaled to the prior's error) refine the relative pose (COLMAP's
-    tangent-Sampson refinement with the prior intrinsics); the residuals then shrink to the keypoint noise, so
-    the tolerance shrinks with them, and the refinement is repeated on the tighter set. Only shrinking keeps it
-    from drifting away from the prior.
+    The matches within the prior's tolerance (scaled to the prior's error) correct the relative pose and the two
+    focal lengths (`refine_fundamental`); the residuals then shrink to the keypoint noise, the tolerance shrinks
+    with them, and the correction is repeated on the tighter set. Only shrinking keeps it near the prior.
     """
     matches = np.asarray(matches, dtype=np.int64).reshape(-1, 2)
     points_i = np.asarray(features_i.keypoints, dtype=np.float64)[matches[:, 0]]
     points_j = np.asarray(features_j.keypoints, dtype=np.float64)[matches[:, 1]]
     lowest, highest = tolerance_bounds(features_i, features_j, config)
-    K_i, K_j = _calibration(camera_i), _calibration(camera_j)
-    pose = cam_j_from_cam_i
-    F = fundamental_matrix(K_i, K_j, pose)
+    F = fundamental_matrix(K_i, K_j, cam_j_from_cam_i)
     distances = sampson_distances(points_i, points_j, F)
     tolerance = robust_tolerance(distances, lowest, highest, config)
-    geometry = PairGeometry(F, pose, tolerance, distances <= tolerance, tolerance)
-    baseline = np.linalg.norm(pose.translation)
+    geometry = PairGeometry(F, tolerance, distances <= tolerance, tolerance)
+    if np.linalg.norm(cam_j_from_cam_i.translation) < 1e-12:
+        return geometry  # no baseline, no epipolar geometry to correct
     for _ in range(config.refine_iterations):
-        # Nothing to correct at the keypoint noise, nothing to correct it with below 8 inliers, and no epipolar
-        # geometry to refine without a baseline.
-        if geometry.tolerance <= lowest or geometry.inliers.sum() < 8 or baseline < 1e-12:
+        # Nothing to correct at the keypoint noise, nothing to correct it with below 8 inliers.
+        if geometry.tolerance <= lowest or geometry.inliers.sum() < 8:
             break
-        with log.quiet_pycolmap():
-            refined = pycolmap.refine_relative_pose(
-                geometry.cam_j_from_cam_i, camera_i, points_i, camera_j, points_j, geometry.inliers
-            )
-        if refined is None:
-            break
-        pose = refined["cam2_from_cam1"]
-        F = fundamental_matrix(K_i, K_j, pose)
+        fit = np.flatnonzero(geometry.inliers)
+        # A few hundred correspondences spread over the set determine 8 parameters as well as thousands.
+        fit = fit[np.linspace(0, len(fit) - 1, min(len(fit), config.refine_max_matches)).astype(int)]
+        F = refine_fundamental(points_i[fit], points_j[fit], K_i, K_j, cam_j_from_cam_i, lowest)
         distances = sampson_distances(points_i, points_j, F)
         tolerance = min(robust_tolerance(distances, lowest, highest, config), geometry.tolerance)
-        geometry = PairGeometry(F, pose, tolerance, distances <= tolerance, geometry.prior_tolerance)
+        geometry = PairGeometry(F, tolerance, distances <= tolerance, geometry.prior_tolerance)
     return geometry
 
 
@@ -486,7 +566,8 @@ def verify_matches(
             method = "ransac"
         else:
             geometry = fit_prior_geometry(
-                features[i], features[j], matches, cameras[i], cameras[j], relative_pose(prior, i, j), config
+                features[i], features[j], matches, prior.intrinsics[i], prior.intrinsics[j], relative_pose(prior, i, j),
+                config,
             )
             inliers, method, tolerance = matches[geometry.inliers], "prior", geometry.tolerance
             if len(matches) >= config.min_inliers and len(inliers) < config.fallback_ratio * len(matches):
