@@ -41,14 +41,11 @@ class MappingConfig:
     outlier_factor: float = 4.0  # an observation is an outlier beyond factor x its image's median error
     min_tri_angle_deg: float = 1.0
     relocalize: bool = True
-    # A frame failed when its prior rotations relative to its partner images disagree with the rotations the
-    # matches give (median over partners) by more than both of these ...
-    relocalize_min_angle_deg: float = 8.0
-    relocalize_angle_factor: float = 3.0  # (times the typical frame's disagreement)
-    # ... or when its observations' median error against the other frames' points exceeds both of these.
-    relocalize_error_factor: float = 5.0  # (times the typical frame's)
+    # A frame is suspect when the median epipolar error of its correspondences under the prior, or the median
+    # error of its observations against the other frames' points, exceeds both of these; it is re-localised
+    # when RANSAC PnP on the other frames' points explains its observations much better.
+    relocalize_error_factor: float = 2.5  # (times the typical frame's)
     relocalize_min_error: float = 0.01  # (fraction of the image diagonal)
-    max_partners: int = 10  # image pairs per image (most matches first) for the rotation check
     pnp_max_error: float = 0.01  # RANSAC PnP threshold, as a fraction of the image diagonal
     min_observations: int = 30  # fewer triangulated observations: keep the predicted pose, flag not_refined
     extract_colors: bool = True
@@ -61,8 +58,10 @@ class MappingReport:
     num_points: int = 0
     num_observations: int = 0
     mean_reprojection_error: float = float("nan")
-    rotation_disagreement_deg: dict[str, float] = field(default_factory=dict)  # per image, prior vs matches
-    prior_median_error_px: dict[str, float] = field(default_factory=dict)  # per image, against the other frames
+    # Per image, under the prior: median epipolar error of its correspondences, and median error of its
+    # observations against points triangulated from the other frames.
+    prior_epipolar_error_px: dict[str, float] = field(default_factory=dict)
+    prior_reprojection_error_px: dict[str, float] = field(default_factory=dict)
     time_s: float = 0.0
 
 
@@ -234,20 +233,21 @@ def _solve_dlt(systems: np.ndarray, center: np.ndarray, scale: float) -> np.ndar
 
 
 def triangulate_dlt(
-    obs: _Observations, poses: np.ndarray, leave_one_out: bool = False, use: np.ndarray | None = None
+    obs: _Observations, poses: np.ndarray, leave_one_out: bool = False, weights: np.ndarray | None = None
 ) -> np.ndarray:
     """Multi-view DLT of every track: (num_tracks,3); with leave_one_out, (O,3) points without each observation.
 
-    `use` (O,) bool restricts the observations the points are made from. A point needs two observations
-    (NaN otherwise).
+    `weights` (O,) >= 0 weigh the observations (0: not used). A point needs two used observations (NaN
+    otherwise).
     """
     center, scale = _world_normalization(poses)
     systems = _dlt_systems(obs, poses, center, scale)
-    used = np.ones(obs.num, dtype=bool) if use is None else np.asarray(use, dtype=bool)
-    systems[~used] = 0.0
+    weights = np.ones(obs.num) if weights is None else np.asarray(weights, dtype=np.float64)
+    systems *= weights[:, None, None]
+    used = (weights > 0).astype(int)
     starts = obs.tracks.offsets()[:-1]
     per_track = np.add.reduceat(systems, starts, axis=0)
-    count = np.add.reduceat(used.astype(int), starts)
+    count = np.add.reduceat(used, starts)
     if not leave_one_out:
         X = _solve_dlt(per_track, center, scale)
         X[count < 2] = np.nan
@@ -294,135 +294,126 @@ def _relocalize(
     config: MappingConfig,
     report: MappingReport,
 ) -> tuple[_Observations, np.ndarray, list[int], set[int]]:
-    """Find frames whose prior pose contradicts their matches and re-localise them by RANSAC PnP.
+    """Find frames whose prior pose contradicts their matches and re-localise them by RANSAC PnP, worst first.
 
-    Two tests: the prior's relative rotations against those of the matches (robust: a median over partner
-    images, so one failed frame does not implicate its partners), then, worst first, the error of each frame's
-    observations against points triangulated from the other frames (which also catches a wrong centre). A
-    failed frame whose PnP fails loses its observations (so it cannot distort the points) and is returned in
-    the failed set.
+    Two kinds of evidence, each relative to the typical frame: the epipolar error of a frame's
+    correspondences (pairwise, so a bad frame does not implicate its partners, but blind to errors along the
+    epipolar lines, e.g. a pan when the camera moves sideways), and the error of its observations against
+    points triangulated from the other frames (sees every error, but a bad frame spoils the others' points;
+    frames are therefore down-weighted by their own error, iteratively). A suspect is re-localised on points
+    from the frames not under suspicion, and only when that pose explains its observations much better than
+    the prior; a frame far off whose PnP fails loses its observations (so it cannot distort the points) and is
+    returned in the failed set.
     """
     num_images = prior.num_images
     relocalized: list[int] = []
     failed: set[int] = set()
-
-    disagreement = _rotation_disagreement(obs, poses, cameras, diagonal, config)
-    report.rotation_disagreement_deg = {
-        prior.image_names[i]: float(d) for i, d in enumerate(disagreement) if np.isfinite(d)
-    }
-    if np.isfinite(disagreement).sum() >= 3:
-        typical = float(np.nanmedian(disagreement))
-        limit = max(config.relocalize_min_angle_deg, config.relocalize_angle_factor * typical)
-        suspects = [int(i) for i in np.argsort(-np.nan_to_num(disagreement, nan=-1.0)) if disagreement[i] > limit]
-        if suspects:
-            # Points from the trusted frames only.
-            points = triangulate_dlt(obs, poses, use=~np.isin(obs.image, suspects))
-            for i in suspects:
-                mask = (obs.image == i) & np.isfinite(points[obs.track]).all(axis=1)
-                pose = _pnp(obs.xy[mask], points[obs.track[mask]], cameras[i], diagonal[i], config)
-                if pose is not None:
-                    logger.info(
-                        "%s: prior rotation disagrees with the matches by %.1f deg (typical %.1f); re-localised",
-                        prior.image_names[i], disagreement[i], typical,
-                    )  # fmt: skip
-                    poses[i] = pose
-                    relocalized.append(i)
-                else:
-                    failed.add(i)
-            for i in failed:
-                _warn_failed(prior.image_names[i], f"its rotation disagrees with the matches by {disagreement[i]:.1f} deg")
-            obs = obs.select(~np.isin(obs.image, list(failed)))
-
-    checked = set(relocalized) | failed
+    checked: set[int] = set()
     for attempt in range(num_images):
-        loo = triangulate_dlt(obs, poses, leave_one_out=True)
-        errors = reprojection_errors(obs, loo, poses, cameras)
-        # Without a leave-one-out point the error is unknown (NaN); behind the camera it is large (inf).
-        errors[np.isnan(loo).any(axis=1)] = np.nan
-        medians, counts = _median_per_image(errors, obs.image, num_images)
+        epipolar, counts = _epipolar_errors(obs, poses, cameras, num_images)
+        reprojection, weights = _leave_one_out_errors(obs, poses, cameras, num_images)
         if attempt == 0:
-            report.prior_median_error_px = {
-                prior.image_names[i]: float(medians[i]) for i in range(num_images) if counts[i]
+            report.prior_epipolar_error_px = {
+                prior.image_names[i]: float(epipolar[i]) for i in range(num_images) if counts[i]
+            }
+            report.prior_reprojection_error_px = {
+                prior.image_names[i]: float(reprojection[i]) for i in range(num_images) if np.isfinite(reprojection[i])
             }
         usable = counts >= config.min_observations
         if usable.sum() < 3:
             break
-        typical = float(np.median(medians[usable]))
-        suspect = (
-            usable
-            & (medians > config.relocalize_error_factor * typical)
-            & (medians > config.relocalize_min_error * diagonal)
-        )
+        ratio = np.zeros(num_images)
+        for errors in (epipolar, reprojection):
+            known = usable & ~np.isnan(errors)
+            if known.sum() >= 3:
+                typical = float(np.median(errors[known]))
+                far = known & (errors > config.relocalize_min_error * diagonal)
+                ratio[far] = np.maximum(ratio[far], errors[far] / max(typical, 1e-9))
+        suspect = ratio > config.relocalize_error_factor
         suspect[list(checked)] = False
         if not suspect.any():
             break
-        i = int(np.argmax(np.where(suspect, medians, -np.inf)))
+        i = int(np.argmax(np.where(suspect, ratio, -np.inf)))
         checked.add(i)
-        known = (obs.image == i) & ~np.isnan(errors)
-        pose = _pnp(obs.xy[known], loo[known], cameras[i], diagonal[i], config)
-        new_median = np.inf
+        trusted = weights[obs.image] * ~(suspect[obs.image] | (obs.image == i))
+        points = triangulate_dlt(obs, poses, weights=trusted)
+        mask = (obs.image == i) & np.isfinite(points[obs.track]).all(axis=1)
+        pose = _pnp(obs.xy[mask], points[obs.track[mask]], cameras[i], diagonal[i], config)
+        prior_median = new_median = np.inf
+        if mask.any():
+            prior_median = float(np.median(reprojection_errors(obs, points[obs.track], poses, cameras)[mask]))
         if pose is not None:
             candidate = poses.copy()
             candidate[i] = pose
-            new_median = float(np.median(reprojection_errors(obs, loo, candidate, cameras)[known]))
-        if new_median < 0.5 * medians[i]:
+            new_median = float(np.median(reprojection_errors(obs, points[obs.track], candidate, cameras)[mask]))
+        if new_median < 0.5 * prior_median:
             logger.info(
-                "%s: observations disagree with the other frames (median %.1f px, typical %.1f); re-localised (%.1f px)",
-                prior.image_names[i], medians[i], typical, new_median,
+                "%s: prior pose disagrees with the matches (%.1f times the typical error); re-localised "
+                "(%.1f px -> %.1f px against the other frames' points)",
+                prior.image_names[i], ratio[i], prior_median, new_median,
             )  # fmt: skip
             poses[i] = pose
             relocalized.append(i)
-        elif pose is None and medians[i] > 2 * config.relocalize_error_factor * typical:
-            _warn_failed(prior.image_names[i], f"its observations are {medians[i]:.0f} px off (typical {typical:.0f})")
+        elif pose is None and ratio[i] > 2 * config.relocalize_error_factor:
+            logger.warning(
+                "%s: the predicted pose disagrees with the matches (%.1f times the typical error) and "
+                "re-localisation failed; it is kept, not refined",
+                prior.image_names[i], ratio[i],
+            )  # fmt: skip
             failed.add(i)
             obs = obs.select(obs.image != i)
     return obs, poses, relocalized, failed
 
 
-def _warn_failed(name: str, why: str) -> None:
-    logger.warning("%s: the predicted pose is wrong (%s) and re-localisation failed; it is kept, not refined", name, why)
+def _leave_one_out_errors(
+    obs: _Observations, poses: np.ndarray, cameras: list[pycolmap.Camera], num_images: int, iterations: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the median error (pixels) of its observations against points triangulated without it (NaN
+    without any), and the frame weights used: frames with large errors count less in the others' points."""
+    weights = np.ones(num_images)
+    for _ in range(iterations):
+        points = triangulate_dlt(obs, poses, leave_one_out=True, weights=weights[obs.image])
+        errors = reprojection_errors(obs, points, poses, cameras)
+        # Without a point the error is unknown (NaN); behind the camera it is large (inf).
+        errors[np.isnan(points).any(axis=1)] = np.nan
+        medians, counts = _median_per_image(errors, obs.image, num_images)
+        medians[counts == 0] = np.nan
+        known = np.isfinite(medians)
+        if known.sum() < 3:
+            break
+        relative = np.where(np.isnan(medians), 1.0, medians / max(float(np.median(medians[known])), 1e-9))
+        weights = 1.0 / (1.0 + relative**2)
+    return medians, weights
 
 
-def _rotation_disagreement(
-    obs: _Observations, poses: np.ndarray, cameras: list[pycolmap.Camera], diagonal: np.ndarray, config: MappingConfig
-) -> np.ndarray:
-    """(S,) per image, the median over its partner images of the angle (deg) between the prior's relative
-    rotation and the one RANSAC finds in their correspondences; NaN without partners."""
+def _epipolar_errors(
+    obs: _Observations, poses: np.ndarray, cameras: list[pycolmap.Camera], num_images: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the median Sampson error (pixels) of all its correspondences under the given poses, and the
+    number of correspondences (inf / 0 without any)."""
     first, second = obs.tracks.observation_pairs()
-    image_pairs = obs.image[first] * len(poses) + obs.image[second]
-    order = np.argsort(image_pairs, kind="stable")
-    keys, starts, counts = np.unique(image_pairs[order], return_index=True, return_counts=True)
-    enough = counts >= max(config.min_observations, 15)
-    # The best-connected partners of every image.
-    chosen = set()
-    for image in range(len(poses)):
-        mine = np.flatnonzero(enough & ((keys // len(poses) == image) | (keys % len(poses) == image)))
-        chosen.update(mine[np.argsort(-counts[mine])][: config.max_partners].tolist())
-    angles: list[list[float]] = [[] for _ in poses]
-    rng = np.random.default_rng(0)
-    options = pycolmap.RANSACOptions()
-    options.random_seed = 0
-    # Verified matches are mostly inliers: a few hundred trials find the pose; the rotation needs no polish.
-    options.min_num_trials = 10
-    options.max_num_trials = 300
-    for k in sorted(chosen):
-        i, j = divmod(int(keys[k]), len(poses))
-        rows = order[starts[k] : starts[k] + counts[k]]
-        if len(rows) > 64:  # plenty to tell a 2-degree error from a 20-degree one, and fast
-            rows = rng.choice(rows, 64, replace=False)
-        options.max_error = max(4.0, 0.004 * diagonal[i])
-        result = pycolmap.estimate_relative_pose(
-            cameras[i], obs.xy[first[rows]], cameras[j], obs.xy[second[rows]], options
-        )
-        if result is None or result["num_inliers"] < 0.5 * len(rows):
-            continue
-        measured = result["cam2_from_cam1"].rotation.matrix()
-        predicted = poses[j, :, :3] @ poses[i, :, :3].T
-        cosine = (np.trace(measured.T @ predicted) - 1.0) / 2.0
-        angle = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
-        angles[i].append(angle)
-        angles[j].append(angle)
-    return np.array([np.median(a) if a else np.nan for a in angles])
+    i, j = obs.image[first], obs.image[second]
+    R_i, R_j = poses[i, :, :3], poses[j, :, :3]
+    R = np.einsum("nab,ncb->nac", R_j, R_i)  # R_j R_i^T
+    t = poses[j, :, 3] - np.einsum("nab,nb->na", R, poses[i, :, 3])
+    t_cross = np.zeros((len(t), 3, 3))
+    t_cross[:, 0, 1], t_cross[:, 0, 2], t_cross[:, 1, 2] = -t[:, 2], t[:, 1], -t[:, 0]
+    t_cross -= t_cross.transpose(0, 2, 1)
+    E = t_cross @ R
+    x1 = np.concatenate([obs.normalized[first], np.ones((len(first), 1))], axis=1)
+    x2 = np.concatenate([obs.normalized[second], np.ones((len(second), 1))], axis=1)
+    Ex1 = np.einsum("nab,nb->na", E, x1)
+    Etx2 = np.einsum("nba,nb->na", E, x2)
+    numerator = np.einsum("na,na->n", x2, Ex1) ** 2
+    denominator = Ex1[:, 0] ** 2 + Ex1[:, 1] ** 2 + Etx2[:, 0] ** 2 + Etx2[:, 1] ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normalized_error = np.sqrt(numerator / denominator)
+    focal = np.array([camera.mean_focal_length() for camera in cameras])
+    pixels = normalized_error * 0.5 * (focal[i] + focal[j])
+    both = np.concatenate([pixels, pixels])
+    images = np.concatenate([i, j])
+    errors, counts = _median_per_image(np.where(np.isfinite(both), both, np.nan), images, num_images)
+    return errors, counts
 
 
 def _pnp(
@@ -492,6 +483,18 @@ def _triangulation_angles(obs: _Observations, points: np.ndarray, poses: np.ndar
     return np.degrees(np.arccos(np.clip(np.einsum("ti,ti->t", first, second), -1.0, 1.0)))
 
 
+def _track_points(
+    obs: _Observations, poses: np.ndarray, predictions: Predictions | None, config: MappingConfig
+) -> np.ndarray:
+    """(num_tracks,3) points: from the predicted depth where it is confident (with use_depth), else DLT."""
+    points = triangulate_dlt(obs, poses)
+    if config.use_depth:
+        from_depth = _depth_points(obs, poses, predictions, config.min_depth_confidence)
+        has_depth = np.isfinite(from_depth).all(axis=1)
+        points[has_depth] = from_depth[has_depth]
+    return points
+
+
 def _triangulate(
     obs: _Observations,
     poses: np.ndarray,
@@ -503,14 +506,12 @@ def _triangulate(
 ) -> tuple[np.ndarray, _Observations]:
     """Points of all tracks with outlier observations removed; returns (num_tracks,3) points and the kept obs."""
     threshold = None
-    for _ in range(iterations):
+    for iteration in range(iterations + 1):
         if obs.tracks.num_tracks == 0:
+            return np.zeros((0, 3)), obs
+        points = _track_points(obs, poses, predictions, config)
+        if iteration == iterations:
             break
-        points = triangulate_dlt(obs, poses)
-        if config.use_depth:
-            from_depth = _depth_points(obs, poses, predictions, config.min_depth_confidence)
-            has_depth = np.isfinite(from_depth).all(axis=1)
-            points[has_depth] = from_depth[has_depth]
         errors = reprojection_errors(obs, points[obs.track], poses, cameras)
         if threshold is None:
             # Fixed after the first pass: re-estimating on the cleaned set would erode the inliers each pass.
@@ -521,13 +522,8 @@ def _triangulate(
         narrow = _triangulation_angles(obs, points, poses) < config.min_tri_angle_deg
         keep &= ~narrow[obs.track] & np.isfinite(points[obs.track]).all(axis=1)
         if keep.all():
-            return points, obs
+            break
         obs = obs.select(keep)
-    points = triangulate_dlt(obs, poses) if obs.tracks.num_tracks else np.zeros((0, 3))
-    if config.use_depth and obs.tracks.num_tracks:
-        from_depth = _depth_points(obs, poses, predictions, config.min_depth_confidence)
-        has_depth = np.isfinite(from_depth).all(axis=1)
-        points[has_depth] = from_depth[has_depth]
     good = np.isfinite(points).all(axis=1)
     if not good.all():
         obs = obs.select(good[obs.track])
@@ -541,7 +537,6 @@ def _track_colors(
     """(num_tracks,3) uint8 mean colour of each track's observed pixels, or None without images."""
     if images_dir is None or obs.num == 0:
         return None
-    sums = np.zeros((obs.tracks.num_tracks, 3))
     samples = np.zeros((obs.num, 3))
     for i in np.unique(obs.image):
         image = read_image(Path(images_dir) / names[i])

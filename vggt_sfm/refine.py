@@ -39,7 +39,7 @@ LOSSES = {
 class RefineConfig:
     enabled: bool = True
     rounds: int = 6  # BA rounds at most (each: BA, filter, re-triangulate); a final BA follows a changed model
-    robust_rounds: int = 1  # the first rounds use `loss`, the rest the squared error
+    robust_rounds: int = 1  # the first rounds use `loss` and keep the intrinsics fixed; the rest squared error
     loss: str = "cauchy"  # "cauchy" | "soft_l1" | "huber" | "trivial"
     loss_scale_px: float = 1.0  # at least this; the robust rounds use the median initial error when larger
     refine_focal_length: bool = True
@@ -53,6 +53,9 @@ class RefineConfig:
     max_focal_aspect: float = 0.05  # |fx / fy - 1|
     max_focal_change: float = 0.5  # |f / f_initial - 1|
     max_distortion: float = 0.05  # largest displacement within the image, fraction of the diagonal
+    # A round that changes the relative rotations between the images by more than this (median over pairs)
+    # has diverged (e.g. many wrong matches in a weakly constrained scene): it is undone and refinement stops.
+    max_rotation_change_deg: float = 10.0
     max_reproj_error_px: float = 4.0
     min_tri_angle_deg: float = 1.5
     retriangulate: bool = True  # create, complete and merge tracks from the verified matches
@@ -83,6 +86,7 @@ class RefineReport:
     num_observations: int = 0
     constant_images: list[str] = field(default_factory=list)
     refined_intrinsics: list[str] = field(default_factory=list)  # "focal", "principal_point", "extra"
+    diverged: bool = False  # a round was undone and refinement stopped early (see RefineConfig)
     history: list[RoundReport] = field(default_factory=list)
     time_s: float = 0.0
 
@@ -123,7 +127,10 @@ def refine_reconstruction(
         initial_errors = np.array([p.error for p in rec.points3D.values()])
         robust_scale = max(config.loss_scale_px, float(np.median(initial_errors)) if len(initial_errors) else 0.0)
 
-        initial_focal = {camera_id: camera.mean_focal_length() for camera_id, camera in rec.cameras.items()}
+        guard = _Guard(
+            initial_focal={camera_id: camera.mean_focal_length() for camera_id, camera in rec.cameras.items()},
+            initial_rotations={i: rec.images[i].cam_from_world().rotation.matrix() for i in rec.reg_image_ids()},
+        )
         fov = min(_diagonal_fov_deg(camera) for camera in rec.cameras.values())
         refine = {
             "focal": config.refine_focal_length,
@@ -142,7 +149,11 @@ def refine_reconstruction(
             robust = index < config.robust_rounds and config.loss != "trivial"
             if principal_point_possible and not robust and not refine["principal_point"]:
                 refine["principal_point"] = stable or index == config.rounds - 1
-            summary, held = _guarded_bundle_adjust(rec, config, robust, robust_scale, refine, constant, initial_focal)
+            summary, held = _guarded_bundle_adjust(rec, config, robust, robust_scale, refine, constant, guard)
+            if summary.diverged:
+                report.diverged = True
+                last_changed = False
+                break
             if "principal_point" in summary.frozen:
                 principal_point_possible = False
             filtered = observations.filter_all_points3D(config.max_reproj_error_px, config.min_tri_angle_deg)
@@ -180,7 +191,8 @@ def refine_reconstruction(
                 break
         if last_changed and report.history:
             # The model changed after its last adjustment: adjust once more so the result is a BA optimum.
-            _guarded_bundle_adjust(rec, config, False, robust_scale, refine, constant, initial_focal)
+            summary, _ = _guarded_bundle_adjust(rec, config, False, robust_scale, refine, constant, guard)
+            report.diverged = summary.diverged
             observations.filter_all_points3D(config.max_reproj_error_px, config.min_tri_angle_deg)
         report.refined_intrinsics = [name for name, on in refine.items() if on]
         rec.update_point_3d_errors()
@@ -248,6 +260,15 @@ class _Adjustment:
     num_residuals: int = 0
     termination: str = "skipped"
     frozen: list[str] = field(default_factory=list)  # intrinsics held after an implausible result
+    diverged: bool = False  # the adjustment was undone
+
+
+@dataclass
+class _Guard:
+    """What a bundle adjustment is checked against: the state refinement started from."""
+
+    initial_focal: dict[int, float]  # camera id -> mean focal length
+    initial_rotations: dict[int, np.ndarray]  # image id -> (3,3) cam_from_world rotation
 
 
 def _guarded_bundle_adjust(
@@ -257,31 +278,66 @@ def _guarded_bundle_adjust(
     robust_scale: float,
     refine: dict[str, bool],
     constant: set[int],
-    initial_focal: dict[int, float],
+    guard: _Guard,
 ) -> tuple[_Adjustment, set[int]]:
-    """BA; when it produces implausible intrinsics, restore them, hold the offending ones (in `refine`, for
-    the rounds to come too) and adjust again."""
+    """BA, checked. When it produces implausible intrinsics, restore the model, hold the offending intrinsics
+    (in `refine`, for the rounds to come too) and adjust again; when it turns the cameras far from where
+    refinement started, restore the model and report divergence. Robust rounds, which start from the prior's
+    errors, keep all intrinsics fixed: structure and poses settle first."""
     result = _Adjustment()
     while True:
-        before = {camera_id: camera.params.copy() for camera_id, camera in rec.cameras.items()}
-        summary, held = _bundle_adjust(rec, config, robust, robust_scale, refine, constant)
+        active = {key: on and not robust for key, on in refine.items()}
+        before = pycolmap.Reconstruction(rec)
+        summary, held = _bundle_adjust(rec, config, robust, robust_scale, active, constant)
         if summary is not None:
             result.num_residuals = int(summary.num_residuals)
             result.termination = str(summary.termination_type).split(".")[-1]
-        implausible = [k for k in _implausible_intrinsics(rec, config, initial_focal) if refine.get(k)]
+        change = _rotation_change_deg(rec, guard.initial_rotations)
+        if change > config.max_rotation_change_deg:
+            _restore(rec, before)
+            result.diverged = True
+            logger.warning(
+                "bundle adjustment diverged (relative rotations changed by %.1f deg, median); keeping the model "
+                "from before it. Too many wrong matches for a weakly constrained scene?",
+                change,
+            )
+            return result, held
+        implausible = [k for k in _implausible_intrinsics(rec, config, guard.initial_focal) if active.get(k)]
         if not implausible:
             return result, held
-        for camera_id, params in before.items():
-            rec.cameras[camera_id].params = params
+        _restore(rec, before)
         for key in implausible:
             refine[key] = False
         result.frozen += implausible
         logger.warning("bundle adjustment made implausible intrinsics (%s); holding them", ", ".join(implausible))
 
 
-def _implausible_intrinsics(
-    rec: pycolmap.Reconstruction, config: RefineConfig, initial_focal: dict[int, float]
-) -> list[str]:
+def _rotation_change_deg(rec: pycolmap.Reconstruction, initial: dict[int, np.ndarray]) -> float:
+    """Median over image pairs of the change of their relative rotation (independent of the world frame)."""
+    ids = [i for i in initial if rec.exists_image(i) and rec.images[i].has_pose]
+    if len(ids) < 2:
+        return 0.0
+    before = np.array([initial[i] for i in ids])
+    after = np.array([rec.images[i].cam_from_world().rotation.matrix() for i in ids])
+    # With A_i = R0_i^T R1_i, the change of the pair (i, j) is the angle of A_i A_j^T.
+    A = np.einsum("nba,nbc->nac", before, after)
+    cosine = (np.einsum("iab,jab->ij", A, A) - 1.0) / 2.0
+    upper = np.triu_indices(len(ids), 1)
+    return float(np.degrees(np.median(np.arccos(np.clip(cosine[upper], -1.0, 1.0)))))
+
+
+def _restore(rec: pycolmap.Reconstruction, saved: pycolmap.Reconstruction) -> None:
+    """Put back the intrinsics, poses and points of `saved` (same ids; BA neither adds nor removes any)."""
+    for camera_id, camera in saved.cameras.items():
+        rec.cameras[camera_id].params = camera.params
+    for frame_id, frame in saved.frames.items():
+        if frame.has_pose:
+            rec.frames[frame_id].rig_from_world = frame.rig_from_world
+    for point_id, point in saved.points3D.items():
+        rec.points3D[point_id].xyz = point.xyz
+
+
+def _implausible_intrinsics(rec: pycolmap.Reconstruction, config: RefineConfig, initial_focal: dict[int, float]) -> list[str]:
     """Which intrinsics ("focal", "principal_point", "extra") of any camera are out of the plausible range."""
     bad = set()
     for camera_id, camera in rec.cameras.items():
