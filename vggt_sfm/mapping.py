@@ -46,6 +46,10 @@ class MappingConfig:
     # when RANSAC PnP on the other frames' points explains its observations much better.
     relocalize_error_factor: float = 2.5  # (times the typical frame's)
     relocalize_min_error: float = 0.01  # (fraction of the image diagonal)
+    # A re-localised rotation this far from the prediction means the prediction failed (reported in
+    # MappingReport.relocalized); nearer ones (a noisy but sound prediction) just start from the better pose.
+    # (Centres are no evidence: PnP trades a camera's centre against its rotation along the viewing direction.)
+    failed_prior_angle_deg: float = 5.0
     pnp_max_error: float = 0.01  # RANSAC PnP threshold, as a fraction of the image diagonal
     min_observations: int = 30  # fewer triangulated observations: keep the predicted pose, flag not_refined
     extract_colors: bool = True
@@ -53,7 +57,8 @@ class MappingConfig:
 
 @dataclass
 class MappingReport:
-    relocalized: list[str] = field(default_factory=list)
+    relocalized: list[str] = field(default_factory=list)  # predictions that had failed, re-localised by PnP
+    improved: list[str] = field(default_factory=list)  # noisy predictions replaced by a nearby PnP pose
     not_refined: list[str] = field(default_factory=list)  # poses kept from the prior (too few observations)
     num_points: int = 0
     num_observations: int = 0
@@ -97,7 +102,11 @@ def initialize_reconstruction(
 
     if config.relocalize:
         obs, poses, relocalized, failed = _relocalize(obs, poses, cameras, prior, diagonal, config, report)
-        report.relocalized = [prior.image_names[i] for i in relocalized]
+        far = _far_from_prior(prior, poses, relocalized, config)
+        report.relocalized = [prior.image_names[i] for i in relocalized if i in far]
+        report.improved = [prior.image_names[i] for i in relocalized if i not in far]
+        for name in report.relocalized:
+            logger.warning("%s: the predicted pose was wrong; re-localised from its matches", name)
         not_refined |= failed
 
     points, obs = _triangulate(obs, poses, cameras, prior, predictions, config)
@@ -119,9 +128,9 @@ def initialize_reconstruction(
     report.mean_reprojection_error = rec.compute_mean_reprojection_error() if report.num_points else float("nan")
     report.time_s = time.perf_counter() - start
     logger.info(
-        "initial model: %d points, %d observations, %.2f px; re-localised %s; not refined %s (%.1f s)",
+        "initial model: %d points, %d observations, %.2f px; re-localised %s; improved %s; not refined %s (%.1f s)",
         report.num_points, report.num_observations, report.mean_reprojection_error,
-        report.relocalized or "none", report.not_refined or "none", report.time_s,
+        report.relocalized or "none", report.improved or "none", report.not_refined or "none", report.time_s,
     )  # fmt: skip
     return rec, report
 
@@ -348,7 +357,7 @@ def _relocalize(
             new_median = float(np.median(reprojection_errors(obs, points[obs.track], candidate, cameras)[mask]))
         if new_median < 0.5 * prior_median:
             logger.info(
-                "%s: prior pose disagrees with the matches (%.1f times the typical error); re-localised "
+                "%s: prior pose disagrees with the matches (%.1f times the typical error); PnP pose instead "
                 "(%.1f px -> %.1f px against the other frames' points)",
                 prior.image_names[i], ratio[i], prior_median, new_median,
             )  # fmt: skip
@@ -386,24 +395,44 @@ def _leave_one_out_errors(
     return medians, weights
 
 
+def _far_from_prior(prior: PriorCameras, poses: np.ndarray, frames: list[int], config: MappingConfig) -> set[int]:
+    """The frames whose rotation is far from the prediction's."""
+    far = set()
+    for i in frames:
+        cosine = (np.trace(poses[i, :, :3] @ prior.cam_from_world[i, :, :3].T) - 1) / 2
+        if np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))) > config.failed_prior_angle_deg:
+            far.add(i)
+    return far
+
+
 def _epipolar_errors(
-    obs: _Observations, poses: np.ndarray, cameras: list[pycolmap.Camera], num_images: int
+    obs: _Observations, poses: np.ndarray, cameras: list[pycolmap.Camera], num_images: int, max_offset: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per image, the median Sampson error (pixels) of all its correspondences under the given poses, and the
-    number of correspondences (inf / 0 without any)."""
-    first, second = obs.tracks.observation_pairs()
+    """Per image, the median Sampson error (pixels) of its correspondences under the given poses, and the
+    number of correspondences (inf / 0 without any). Long tracks contribute pairs of nearby observations
+    only (`Tracks.observation_pairs`), which keeps the count linear in the observations."""
+    first, second = obs.tracks.observation_pairs(max_offset)
     i, j = obs.image[first], obs.image[second]
-    R_i, R_j = poses[i, :, :3], poses[j, :, :3]
-    R = np.einsum("nab,ncb->nac", R_j, R_i)  # R_j R_i^T
-    t = poses[j, :, 3] - np.einsum("nab,nb->na", R, poses[i, :, 3])
-    t_cross = np.zeros((len(t), 3, 3))
+    pair_key = i * num_images + j
+    keys, inverse = np.unique(pair_key, return_inverse=True)
+    # One essential matrix per image pair: E = [t]x R of cam_j from cam_i.
+    a, b = keys // num_images, keys % num_images
+    R = np.einsum("nab,ncb->nac", poses[b, :, :3], poses[a, :, :3])
+    t = poses[b, :, 3] - np.einsum("nab,nb->na", R, poses[a, :, 3])
+    t_cross = np.zeros((len(keys), 3, 3))
     t_cross[:, 0, 1], t_cross[:, 0, 2], t_cross[:, 1, 2] = -t[:, 2], t[:, 1], -t[:, 0]
     t_cross -= t_cross.transpose(0, 2, 1)
     E = t_cross @ R
     x1 = np.concatenate([obs.normalized[first], np.ones((len(first), 1))], axis=1)
     x2 = np.concatenate([obs.normalized[second], np.ones((len(second), 1))], axis=1)
-    Ex1 = np.einsum("nab,nb->na", E, x1)
-    Etx2 = np.einsum("nba,nb->na", E, x2)
+    Ex1 = np.empty_like(x1)
+    Etx2 = np.empty_like(x2)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(keys) + 1))
+    for k in range(len(keys)):  # per image pair: memory stays linear in the correspondences
+        rows = order[bounds[k] : bounds[k + 1]]
+        Ex1[rows] = x1[rows] @ E[k].T
+        Etx2[rows] = x2[rows] @ E[k]
     numerator = np.einsum("na,na->n", x2, Ex1) ** 2
     denominator = Ex1[:, 0] ** 2 + Ex1[:, 1] ** 2 + Etx2[:, 0] ** 2 + Etx2[:, 1] ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -411,9 +440,7 @@ def _epipolar_errors(
     focal = np.array([camera.mean_focal_length() for camera in cameras])
     pixels = normalized_error * 0.5 * (focal[i] + focal[j])
     both = np.concatenate([pixels, pixels])
-    images = np.concatenate([i, j])
-    errors, counts = _median_per_image(np.where(np.isfinite(both), both, np.nan), images, num_images)
-    return errors, counts
+    return _median_per_image(np.where(np.isfinite(both), both, np.nan), np.concatenate([i, j]), num_images)
 
 
 def _pnp(

@@ -1,10 +1,15 @@
 """Bundle adjustment in rounds: BA -> filter observations -> re-triangulate / complete / merge tracks -> BA ...
 
-The first rounds use a robust loss (the initial model carries the prior's errors, tens of pixels), later ones
-the plain squared error. The principal point, which COLMAP keeps fixed by default, is refined in the final
-rounds when enough images share the camera: a principal point off the image centre otherwise biases every
-rotation by about atan(offset / focal). Images whose pose cannot be refined (too few observations) are held
-constant and, when there are any, the result is mapped back onto the prior's frame so that they stay in place.
+The first rounds use a robust loss with the intrinsics fixed (the initial model carries the prior's errors,
+tens of pixels), later ones the plain squared error. The principal point, which COLMAP keeps fixed by
+default, is refined in the final rounds when enough images share the camera and the view is wide enough: a
+principal point off the image centre otherwise biases every rotation by about atan(offset / focal). Images
+whose pose cannot be refined (too few observations) are held constant and, when there are any, the result is
+mapped back onto the frame it started in so that they stay in place.
+
+Every adjustment is checked: intrinsics it makes implausible are put back and held; an adjustment that turns
+the cameras far from where refinement started (many wrong matches in a weakly constrained scene) is undone
+and refinement stops, with a warning and `RefineReport.diverged`.
 """
 
 from __future__ import annotations

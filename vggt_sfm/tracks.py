@@ -50,15 +50,19 @@ class Tracks:
         """(num_tracks+1,) start of each track in the observation arrays."""
         return np.concatenate([[0], np.cumsum(self.lengths())])
 
-    def observation_pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every pair of observations of the same track, as (first, second) observation indices, with the
-        first in the lower image (tracks are sorted by image)."""
+    def observation_pairs(self, max_offset: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs of observations of the same track, as (first, second) observation indices, with the first in
+        the lower image (tracks are sorted by image): all pairs, or with `max_offset` only those at most that
+        far apart within the track (bounds the count for long tracks)."""
         lengths = self.lengths()
         offsets = self.offsets()
         first, second = [], []
         for length in np.unique(lengths[lengths >= 2]):
             starts = offsets[:-1][lengths == length]
             a, b = np.triu_indices(length, 1)
+            if max_offset is not None:
+                near = b - a <= max_offset
+                a, b = a[near], b[near]
             first.append((starts[:, None] + a[None]).ravel())
             second.append((starts[:, None] + b[None]).ravel())
         if not first:
