@@ -232,13 +232,49 @@ def _dlt_systems(obs: _Observations, poses: np.ndarray, center: np.ndarray, scal
 
 
 def _solve_dlt(systems: np.ndarray, center: np.ndarray, scale: float) -> np.ndarray:
-    """(N,3) points from (N,4,4) normal matrices; NaN where the solution is at infinity."""
-    _, vectors = np.linalg.eigh(systems)
-    h = vectors[:, :, 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        X = h[:, :3] / h[:, 3:4]
-    X[np.abs(h[:, 3]) < 1e-12] = np.nan
+    """(N,3) points from (N,4,4) normal matrices A^T A; NaN where the system is degenerate.
+
+    With the homogeneous coordinate fixed to 1 the algebraic least squares is a 3x3 solve, several times
+    faster than the eigenvector and the same in a centred, scaled world.
+    """
+    A, b = systems[:, :3, :3], -systems[:, :3, 3]
+    determinant = np.linalg.det(A)
+    scale_of_A = np.einsum("nii->n", A) ** 3
+    good = np.abs(determinant) > 1e-12 * np.maximum(scale_of_A, 1e-300)
+    X = np.full((len(systems), 3), np.nan)
+    if good.any():
+        X[good] = np.linalg.solve(A[good], b[good][:, :, None])[:, :, 0]
     return center + scale * X
+
+
+@dataclass
+class _DLT:
+    """The per-observation DLT systems of a set of tracks and poses, to solve under several weightings."""
+
+    obs: _Observations
+    systems: np.ndarray  # (O,4,4) A^T A per observation, normalised world
+    center: np.ndarray
+    scale: float
+
+    @classmethod
+    def build(cls, obs: _Observations, poses: np.ndarray) -> _DLT:
+        center, scale = _world_normalization(poses)
+        return cls(obs, _dlt_systems(obs, poses, center, scale), center, scale)
+
+    def solve(self, leave_one_out: bool = False, weights: np.ndarray | None = None) -> np.ndarray:
+        weights = np.ones(self.obs.num) if weights is None else np.asarray(weights, dtype=np.float64)
+        systems = self.systems * weights[:, None, None]
+        used = (weights > 0).astype(int)
+        starts = self.obs.tracks.offsets()[:-1]
+        per_track = np.add.reduceat(systems, starts, axis=0)
+        count = np.add.reduceat(used, starts)
+        if not leave_one_out:
+            X = _solve_dlt(per_track, self.center, self.scale)
+            X[count < 2] = np.nan
+            return X
+        X = _solve_dlt(per_track[self.obs.track] - systems, self.center, self.scale)
+        X[count[self.obs.track] - used < 2] = np.nan
+        return X
 
 
 def triangulate_dlt(
@@ -249,21 +285,7 @@ def triangulate_dlt(
     `weights` (O,) >= 0 weigh the observations (0: not used). A point needs two used observations (NaN
     otherwise).
     """
-    center, scale = _world_normalization(poses)
-    systems = _dlt_systems(obs, poses, center, scale)
-    weights = np.ones(obs.num) if weights is None else np.asarray(weights, dtype=np.float64)
-    systems *= weights[:, None, None]
-    used = (weights > 0).astype(int)
-    starts = obs.tracks.offsets()[:-1]
-    per_track = np.add.reduceat(systems, starts, axis=0)
-    count = np.add.reduceat(used, starts)
-    if not leave_one_out:
-        X = _solve_dlt(per_track, center, scale)
-        X[count < 2] = np.nan
-        return X
-    X = _solve_dlt(per_track[obs.track] - systems, center, scale)
-    X[count[obs.track] - used < 2] = np.nan
-    return X
+    return _DLT.build(obs, poses).solve(leave_one_out, weights)
 
 
 def reprojection_errors(
@@ -380,8 +402,9 @@ def _leave_one_out_errors(
     """Per image, the median error (pixels) of its observations against points triangulated without it (NaN
     without any), and the frame weights used: frames with large errors count less in the others' points."""
     weights = np.ones(num_images)
+    dlt = _DLT.build(obs, poses)
     for _ in range(iterations):
-        points = triangulate_dlt(obs, poses, leave_one_out=True, weights=weights[obs.image])
+        points = dlt.solve(leave_one_out=True, weights=weights[obs.image])
         errors = reprojection_errors(obs, points, poses, cameras)
         # Without a point the error is unknown (NaN); behind the camera it is large (inf).
         errors[np.isnan(points).any(axis=1)] = np.nan
