@@ -164,10 +164,24 @@ def test_refuses_frames_that_do_not_fit(tmp_path, model, monkeypatch):
     import vggt_sfm.predict as predict_module
 
     estimate = estimate_memory(VGGTConfig(), (518, 392), ("camera", "depth"), torch.device("cpu"))
-    room = estimate.weights + estimate.fixed + 2 * estimate.per_frame + estimate.per_frame // 2
+    room = estimate.needed(2) + estimate.per_frame // 2
     monkeypatch.setattr(predict_module, "available_memory", lambda device: int(room / predict_module.USABLE_FRACTION) + 1)
     with pytest.raises(UserError, match=r"3 frames need about .* GB .* about 2 frames fit"):
         predict(tmp_path / "im", weights=tmp_path / "never-read.pt")
+
+
+def test_max_frames_is_the_most_that_fits():
+    estimate = estimate_memory(VGGTConfig(), (518, 518), ("camera", "depth"), torch.device("cpu"))
+    gb = 2**30
+    for available in (4 * gb, 5.5 * gb, 6 * gb, 8 * gb, 24 * gb, 80 * gb):
+        estimate.available = int(available)
+        fit = estimate.max_frames()
+        usable = available * 0.9
+        assert fit == 0 or estimate.needed(fit) <= usable
+        assert estimate.needed(fit + 1) > usable
+    # VGGT-1B's fp32 weights alone are about 4.6 GB (camera and depth heads), frames then cost ~0.1 GB each.
+    assert 4.5e9 < estimate.weights < 4.8e9
+    assert 0.05e9 < estimate.per_frame < 0.2e9
 
 
 def test_weights_problems_reach_the_user(tmp_path, monkeypatch):

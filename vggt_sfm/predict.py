@@ -47,19 +47,25 @@ class MemoryEstimate:
     """What a VGGT run needs and what the device has, in bytes."""
 
     weights: int
-    per_frame: int
-    fixed: int  # working memory independent of the number of frames (incl. the DPT chunk)
+    per_frame: int  # aggregator working memory and kept outputs of one frame
+    fixed: int  # independent of the number of frames
+    dpt_per_frame: int  # a DPT head's working memory for one frame of the chunk it decodes
+    dpt_chunk: int  # frames a DPT head decodes at once
     available: int | None  # None: unknown (no check)
 
     def needed(self, num_frames: int) -> int:
-        return self.weights + self.fixed + num_frames * self.per_frame
+        chunk = min(num_frames, self.dpt_chunk)
+        return self.weights + self.fixed + num_frames * self.per_frame + chunk * self.dpt_per_frame
 
     def max_frames(self) -> int | None:
         """How many frames fit in the usable memory, or None when the free memory is unknown."""
         if self.available is None:
             return None
         room = int(self.available * USABLE_FRACTION) - self.weights - self.fixed
-        return max(room // self.per_frame, 0)
+        full_chunks = (room - self.dpt_chunk * self.dpt_per_frame) // self.per_frame
+        if full_chunks >= self.dpt_chunk:
+            return int(full_chunks)
+        return max(int(room // (self.per_frame + self.dpt_per_frame)), 0)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -152,11 +158,18 @@ def estimate_memory(
     patch = config.patch_size
     tokens = 1 + config.num_register_tokens + (height // patch) * (width // patch)
     per_frame = AGGREGATOR_FLOATS_PER_TOKEN_CHANNEL * tokens * config.embed_dim * 4
-    fixed = FIXED_BYTES
+    dpt_per_frame = 0
     if "depth" in heads or "point" in heads:
-        fixed += config.dpt_frames_chunk_size * DPT_FLOATS_PER_PIXEL * width * height * 4
+        dpt_per_frame = DPT_FLOATS_PER_PIXEL * width * height * 4
         per_frame += 4 * 4 * width * height  # the depth/point maps and their confidences kept per frame
-    return MemoryEstimate(weights=weights, per_frame=per_frame, fixed=fixed, available=available_memory(device))
+    return MemoryEstimate(
+        weights=weights,
+        per_frame=per_frame,
+        fixed=FIXED_BYTES,
+        dpt_per_frame=dpt_per_frame,
+        dpt_chunk=int(config.dpt_frames_chunk_size) if config.dpt_frames_chunk_size else 1 << 30,  # none: all at once
+        available=available_memory(device),
+    )
 
 
 def _check_fits(estimate: MemoryEstimate, num_frames: int, device: torch.device, max_frames: int | None) -> None:
