@@ -161,12 +161,14 @@ def test_points_from_predicted_depth(scene, tracks):
     rec, report = initialize_reconstruction(gt, scene.features, tracks, confident, None, config)
     assert report.num_points > 0.8 * dlt.num_points3D()
     # Depth points sit where the triangulated ones are, to the accuracy of the depth map, not exactly.
-    by_track = {tuple(sorted((e.image_id, e.point2D_idx) for e in p.track.elements)): p.xyz for p in dlt.points3D.values()}
+    def key(point):
+        return tuple(sorted((e.image_id, e.point2D_idx) for e in point.track.elements))
+
+    by_track = {key(p): p.xyz for p in dlt.points3D.values()}
     distances = []
     for point in rec.points3D.values():
-        key = tuple(sorted((e.image_id, e.point2D_idx) for e in point.track.elements))
-        if key in by_track:
-            distances.append(np.linalg.norm(point.xyz - by_track[key]))
+        if key(point) in by_track:
+            distances.append(np.linalg.norm(point.xyz - by_track[key(point)]))
     distances = np.array(distances) / PriorCameras.scene_scale(gt)
     assert len(distances) > 0.5 * report.num_points
     assert 0 < np.median(distances) < 0.05

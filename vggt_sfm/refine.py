@@ -122,10 +122,16 @@ def refine_reconstruction(
     rec = reconstruction
     constant = {int(i) for i in constant_images if rec.exists_image(int(i))}
     reference_poses = {i: rec.images[i].cam_from_world().matrix() for i in rec.reg_image_ids()} if constant else None
+    if rec.num_points3D() == 0 or set(rec.reg_image_ids()) <= constant:
+        logger.warning(
+            "nothing to adjust: %d points, %d of %d images held",
+            rec.num_points3D(), len(constant), rec.num_reg_images(),
+        )  # fmt: skip
+        return _finish(report, rec, constant, start)
 
     graph = _correspondence_graph(rec, verified, tracks, constant) if config.retriangulate else None
     with quiet_pycolmap():
-        observations = pycolmap.ObservationManager(rec, graph) if graph is not None else pycolmap.ObservationManager(rec)
+        observations = pycolmap.ObservationManager(rec) if graph is None else pycolmap.ObservationManager(rec, graph)
         triangulator = pycolmap.IncrementalTriangulator(graph, rec, observations) if graph is not None else None
         observations.filter_observations_with_negative_depth()
         rec.update_point_3d_errors()
@@ -145,7 +151,7 @@ def refine_reconstruction(
         principal_point_possible = (
             config.refine_principal_point
             and fov >= config.min_fov_principal_point_deg
-            and _enough_views(rec, config)
+            and _enough_views(rec, config, constant)
         )
         stable = False
         last_changed = True
@@ -204,6 +210,10 @@ def refine_reconstruction(
 
     if reference_poses:
         _align_to_reference(rec, reference_poses, constant)
+    return _finish(report, rec, constant, start)
+
+
+def _finish(report: RefineReport, rec: pycolmap.Reconstruction, constant: set[int], start: float) -> RefineReport:
     report.rounds = len(report.history)
     report.num_points = rec.num_points3D()
     report.num_observations = rec.compute_num_observations()
@@ -220,12 +230,13 @@ def _check_features(rec: pycolmap.Reconstruction, features: list[Features]) -> N
             raise ValueError(f"image {image.name}: the features do not belong to this reconstruction")
 
 
-def _enough_views(rec: pycolmap.Reconstruction, config: RefineConfig) -> bool:
-    """Whether every camera is seen by enough registered images to refine its principal point."""
-    views: dict[int, int] = {}
+def _enough_views(rec: pycolmap.Reconstruction, config: RefineConfig, constant: set[int]) -> bool:
+    """Whether every camera is seen by enough adjusted images to refine its principal point."""
+    views = {camera_id: 0 for camera_id in rec.cameras}
     for image_id in rec.reg_image_ids():
-        camera_id = rec.images[image_id].camera_id
-        views[camera_id] = views.get(camera_id, 0) + 1
+        image = rec.images[image_id]
+        if image_id not in constant and image.num_points3D >= config.min_image_observations:
+            views[image.camera_id] += 1
     return bool(views) and min(views.values()) >= config.min_views_principal_point
 
 
@@ -238,7 +249,10 @@ def _correspondence_graph(
     """Matches between images as COLMAP's correspondence graph; constant images get none (their poses may be
     wrong, so new observations in them would only add error)."""
     if verified is not None:
-        pairs = [(int(i), int(j), np.asarray(m, dtype=np.uint32).reshape(-1, 2)) for (i, j), m in zip(verified.pairs, verified.matches)]
+        pairs = [
+            (int(i), int(j), np.asarray(m, dtype=np.uint32).reshape(-1, 2))
+            for (i, j), m in zip(verified.pairs, verified.matches)
+        ]
     elif tracks is not None and tracks.num_observations:
         pairs = [(i, j, matches.astype(np.uint32)) for (i, j), matches in tracks.image_pair_matches().items()]
     else:
@@ -342,7 +356,9 @@ def _restore(rec: pycolmap.Reconstruction, saved: pycolmap.Reconstruction) -> No
         rec.points3D[point_id].xyz = point.xyz
 
 
-def _implausible_intrinsics(rec: pycolmap.Reconstruction, config: RefineConfig, initial_focal: dict[int, float]) -> list[str]:
+def _implausible_intrinsics(
+    rec: pycolmap.Reconstruction, config: RefineConfig, initial_focal: dict[int, float]
+) -> list[str]:
     """Which intrinsics ("focal", "principal_point", "extra") of any camera are out of the plausible range."""
     bad = set()
     for camera_id, camera in rec.cameras.items():
@@ -420,7 +436,9 @@ def _bundle_adjust(
     return summary, held
 
 
-def _triangulator_options(rec: pycolmap.Reconstruction, config: RefineConfig) -> pycolmap.IncrementalTriangulatorOptions:
+def _triangulator_options(
+    rec: pycolmap.Reconstruction, config: RefineConfig
+) -> pycolmap.IncrementalTriangulatorOptions:
     """COLMAP's options, with thresholds no looser than the filter's, so new observations are not filtered
     again in the next round (which would keep the rounds from settling)."""
     options = pycolmap.IncrementalTriangulatorOptions()
