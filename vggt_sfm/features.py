@@ -10,6 +10,8 @@ pixel centre at (0.5, 0.5)), whatever resolution the detector ran at.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class FeatureConfig:
     max_keypoints: int = 4096
     resize_max: int | None = 1600  # longest image side the detector sees; None: original resolution
     detection_threshold: float | None = None
+    num_workers: int = 0  # SIFT: images extracted at once (0: as many as torch's threads)
     aliked_model: str = "aliked-n16"  # ALIKED variant: aliked-n16 | aliked-n16rot | aliked-n32 | aliked-t16
     device: str = "cpu"
 
@@ -168,6 +171,13 @@ def extract_image(image: np.ndarray, config: FeatureConfig, extractor=None) -> F
     )
 
 
+def _sift_workers(config: FeatureConfig, num_images: int) -> int:
+    if config.extractor != "sift":
+        return 1  # torch already spreads one image over the cores
+    cores = config.num_workers or torch.get_num_threads()
+    return max(1, min(cores, num_images))
+
+
 def extract_features(
     images_dir: Path | str, image_names: list[str], config: FeatureConfig, progress: bool = True
 ) -> list[Features]:
@@ -177,10 +187,22 @@ def extract_features(
     as every other stage.
     """
     images_dir = Path(images_dir)
-    extractor = _make_extractor(config)
-    features = []
-    for name in log.progress(image_names, desc="features", total=len(image_names), enabled=progress):
-        features.append(extract_image(read_image(images_dir / name), config, extractor))
+    extractor = _make_extractor(config)  # checks the configuration before any work
+    names = log.progress(image_names, desc="features", total=len(image_names), enabled=progress)
+    workers = _sift_workers(config, len(image_names))
+    if workers <= 1:
+        features = [extract_image(read_image(images_dir / name), config, extractor) for name in names]
+    else:
+        # COLMAP's SIFT runs on one core per image and releases the GIL: one image per core, as COLMAP does.
+        local = threading.local()
+
+        def extract(name: str) -> Features:
+            if not hasattr(local, "extractor"):
+                local.extractor = _make_extractor(config)  # one per thread: COLMAP's extractor is not shared
+            return extract_image(read_image(images_dir / name), config, local.extractor)
+
+        with ThreadPoolExecutor(workers) as pool:
+            features = list(pool.map(extract, names))
     logger.info(
         "%s: %d images, %.0f keypoints per image on average",
         config.extractor,
