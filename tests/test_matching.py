@@ -17,6 +17,7 @@ from vggt_sfm.matching import (
     PairMatches,
     fundamental_from_cameras,
     match_pairs,
+    resolve_matcher,
     sampson_distances,
     verify_matches,
 )
@@ -133,6 +134,10 @@ def test_guided_matching_searches_the_corrected_epipolar_band(aliked, ground_tru
     assert np.median(_true_errors(aliked, verified, ground_truth)) < 1.0
     with pytest.raises(UserError, match="guided matching needs"):
         match_pairs(aliked, PAIR, config, progress=False)
+    # "auto": guided with a prior, LightGlue without; SIFT always by nearest neighbours.
+    assert resolve_matcher("aliked", "auto", True) == "guided"
+    assert resolve_matcher("disk", "auto", False) == "lightglue"
+    assert resolve_matcher("sift", "auto", True) == "nn-ratio"
 
 
 def test_pairs_without_enough_inliers_are_dropped_and_other_modes(aliked, lightglue_raw, ground_truth):
