@@ -140,6 +140,16 @@ def test_guided_matching_searches_the_corrected_epipolar_band(aliked, ground_tru
     assert resolve_matcher("sift", "auto", True) == "nn-ratio"
 
 
+def test_disk_features_match_with_their_lightglue_weights(ground_truth):
+    config = FeatureConfig(extractor="disk", resize_max=320, max_keypoints=512)
+    disk = extract_features(TEMPLE / "images", NAMES[:2], config, False)
+    assert all(f.extractor == "disk" and f.resize_scale == pytest.approx(2.0) for f in disk)
+    raw = match_pairs(disk, PAIR, MatchingConfig(), progress=False)  # auto without a prior: LightGlue
+    verified = verify_matches(disk, raw, ground_truth, MatchingConfig(), progress=False)
+    assert len(verified.matches[0]) > 50
+    assert np.median(_true_errors(disk, verified, ground_truth)) < 2.0  # detector pixels are 2 original ones
+
+
 def test_pairs_without_enough_inliers_are_dropped_and_other_modes(aliked, lightglue_raw, ground_truth):
     # The far view shares little with view 0: a few chance matches, which verification drops.
     far = match_pairs(aliked, np.array([[0, 2]]), MatchingConfig(), progress=False)

@@ -241,14 +241,16 @@ def guided_matches(
 
     Mutual nearest neighbours with the ratio test give seeds; the prior relative pose is refined on the seeds
     that fit it (`fit_prior_geometry`), and the ratio test is then run among the candidates inside the
-    corrected band only. If the seeds mostly disagree with the prior, the seeds are returned unguided, so that
-    verification can fall back to RANSAC.
+    corrected band only. If the seeds are few or mostly disagree with the prior, they are returned unguided, so
+    that verification can fall back to RANSAC.
     """
     seeds, seed_scores = mutual_nn_ratio(
         features_i.descriptors, features_j.descriptors, config.ratio, config.max_distance
     )
+    if len(seeds) < config.min_inliers:
+        return seeds, seed_scores  # too few to confirm the prior: a band around a wrong one would invent matches
     geometry = fit_prior_geometry(features_i, features_j, seeds, K_i, K_j, cam_j_from_cam_i, config)
-    if len(seeds) >= config.min_inliers and geometry.inliers.mean() < config.fallback_ratio:
+    if geometry.inliers.mean() < config.fallback_ratio:
         return seeds, seed_scores
     band = _sampson_band(
         features_i.keypoints, features_j.keypoints, geometry.F, config.guided_band_factor * geometry.tolerance
