@@ -288,11 +288,14 @@ def _reconstruct_from_prior(
     )
     with timer.stage("pairs"):
         pairs = pairs_stage.select_pairs(prior, config.pairs)
-    matches_key = stage_key("matches", features_key, pairs.tolist(), config.matching)
+    # Guided matching searches along the prior's epipolar lines, so the prior is part of the key.
+    matches_key = stage_key(
+        "matches", features_key, pairs.tolist(), config.matching, prior.cam_from_world.tolist(), prior.intrinsics.tolist()
+    )
     raw = cached(
         "matching",
         matches_key,
-        lambda: matching_stage.match_pairs(features, pairs, config.matching, progress=progress),
+        lambda: matching_stage.match_pairs(features, pairs, config.matching, progress=progress, prior=prior),
     )
     verify_key = stage_key(
         "verification", matches_key, prior.cam_from_world.tolist(), prior.intrinsics.tolist(), config.matching
