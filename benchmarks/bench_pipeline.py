@@ -168,7 +168,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme_section(table: str, rows: list[dict], threads: int) -> None:
+def write_readme_section(table: str, rows: list[dict], threads: int, note: str = "") -> None:
     """Replace (or append) this benchmark's section of benchmarks/README.md; other sections stay as they are."""
     outliers = [f"{r['set']}: {r['outlier']} {r['outlier_rotation_error_deg']:.2f}°" for r in rows
                 if r.get("outlier") is not None]
@@ -194,6 +194,7 @@ def write_readme_section(table: str, rows: list[dict], threads: int) -> None:
         table,
         "",
     ] + ([f"Outlier frame, rotation error after the run: {'; '.join(outliers)}.", ""] if outliers else [])
+      + ([note, ""] if note else [])
       + [SECTION_END])
     text = README.read_text() if README.exists() else "# Benchmarks\n\nDated results; each script owns its section.\n"
     if SECTION_START in text and SECTION_END in text:
@@ -215,6 +216,7 @@ def main() -> int:
     parser.add_argument("--merge-json", nargs="+", type=Path, default=[],
                         help="rows saved by earlier runs (--json) to put in the table; this run's rows take precedence")
     parser.add_argument("--readme", action="store_true", help="write the table into benchmarks/README.md")
+    parser.add_argument("--note", default="", help="a paragraph added under the table in the README")
     parser.add_argument("--worker", nargs=2, metavar=("SET", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,7 +242,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.readme:
-        write_readme_section(table, rows, args.threads)
+        write_readme_section(table, rows, args.threads, args.note)
     return 0
 
 
