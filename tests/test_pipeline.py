@@ -15,7 +15,7 @@ from vggt_sfm import pipeline
 from vggt_sfm.config import config_from_dict
 from vggt_sfm.evaluation.metrics import evaluate
 from vggt_sfm.evaluation.simulate import simulate_prior
-from vggt_sfm.predictions import load_predictions
+from vggt_sfm.predictions import load_predictions, save_predictions
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "fountain"
 
@@ -67,6 +67,8 @@ def test_interrupted_run_leaves_nothing_and_resumes(tmp_path, monkeypatch):
     images.mkdir()
     for name in names:
         (images / name).write_bytes((DATA / "images" / name).read_bytes())
+    predictions = tmp_path / "pred.npz"
+    save_predictions(load_predictions(DATA / "prior_vggt_sim.npz").subset(names), predictions)
     out = tmp_path / "out"
     config = config_from_dict({"features": {"max_keypoints": 512, "resize_max": 640}})
 
@@ -75,11 +77,11 @@ def test_interrupted_run_leaves_nothing_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline.tracks_stage, "build_tracks", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(images, predictions=DATA / "prior_vggt_sim.npz", output=out, config=config)
+        pipeline.run(images, predictions=predictions, output=out, config=config)
     assert not out.exists(), "an interrupted run must not leave a (half-written) output"
     monkeypatch.undo()
 
-    result = pipeline.run(images, predictions=DATA / "prior_vggt_sim.npz", output=out, config=config)
+    result = pipeline.run(images, predictions=predictions, output=out, config=config)
     assert {"features", "matching", "verification"} <= set(result.summary.cached_stages)
     assert pycolmap.Reconstruction(out / "sparse" / "0").num_reg_images() == 4
     assert not (tmp_path / ".out.partial").exists()
