@@ -38,17 +38,26 @@ def quiet_pycolmap(quiet: bool = True) -> Iterator[None]:
             set_pycolmap_quiet(True)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the message (it may be replaced, e.g. by tests)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Log our messages to stderr: INFO when verbose, WARNING otherwise; COLMAP's only when verbose."""
     level = logging.INFO if verbose else logging.WARNING
-    # A fresh handler on the current stderr: main() may run several times in one process (tests, notebooks).
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("vggt-sfm: %(levelname)s: %(message)s"))
-    logger.addHandler(handler)
+    if not any(isinstance(h, _CurrentStderrHandler) for h in logger.handlers):
+        handler = _CurrentStderrHandler()
+        handler.setFormatter(logging.Formatter("vggt-sfm: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
     set_pycolmap_quiet(not verbose)
 
 
