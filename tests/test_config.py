@@ -74,6 +74,6 @@ def test_every_named_option_overrides_a_real_preset_value():
          "--no-ba", "--export", "nerfstudio", "--set", "refine.rounds=2", "--no-shared-camera"]
     )
     config = _reconstruct_config(args)
-    assert config.features.max_keypoints == 500 and config.features.resize_max == 2048
+    assert config.features.max_keypoints == 500 and config.features.resize_max == 1600
     assert not config.refine.enabled and config.refine.rounds == 2
     assert config.output.export == ["nerfstudio"] and config.mapping.shared_camera is False
