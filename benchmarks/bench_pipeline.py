@@ -83,7 +83,7 @@ def worker(set_name: str, method: str, threads: int) -> dict:
 
     root = DATASETS / SETS[set_name]
     images, gt = root / "images", root / "gt"
-    row: dict = {"set": set_name, "method": method}
+    row: dict = {"set": set_name, "method": method, "commit": _git_head()}
     try:
         if method == "prior":
             start = time.perf_counter()
@@ -124,6 +124,17 @@ def worker(set_name: str, method: str, threads: int) -> dict:
         row["traceback"] = traceback.format_exc()
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return row
+
+
+def _git_head() -> str:
+    """The checkout's commit, '+' when the working tree has changes (they are what runs)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True)
+        return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
 
 
 def run_in_subprocess(set_name: str, method: str, threads: int, timeout: float) -> dict:
@@ -172,6 +183,7 @@ def write_readme_section(table: str, rows: list[dict], threads: int, note: str =
     """Replace (or append) this benchmark's section of benchmarks/README.md; other sections stay as they are."""
     outliers = [f"{r['set']}: {r['outlier']} {r['outlier_rotation_error_deg']:.2f}°" for r in rows
                 if r.get("outlier") is not None]
+    commits = sorted({r["commit"] for r in rows if r.get("commit")})
     section = "\n".join([
         SECTION_START,
         "## Pipeline vs COLMAP on real sets with ground truth (`bench_pipeline.py`)",
