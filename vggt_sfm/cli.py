@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--level", default="vggt", choices=["easy", "vggt", "hard"])
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--outlier-frames", type=int, default=0, help="frames given a 20-degree rotation error")
+    sim.add_argument("--depth-from", help="COLMAP model with 3D points of the same images: add simulated depth maps")
     return parser
 
 
@@ -208,9 +209,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     write_simulated_prior(
         gt=args.gt, images=args.images, output=args.output, level=args.level, seed=args.seed,
-        outlier_frames=args.outlier_frames,
+        outlier_frames=args.outlier_frames, depth_from=args.depth_from,
     )
-    print(f"wrote {args.output} (SIMULATED prior, level {args.level})")
+    depth = ", depth rendered from " + args.depth_from if args.depth_from else ""
+    print(f"wrote {args.output} (SIMULATED prior, level {args.level}{depth})")
     return 0
 
 

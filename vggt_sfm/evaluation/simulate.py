@@ -7,12 +7,21 @@ a log-normal factor. The result is put into a random similarity frame (rotation,
 prior's frame is arbitrary. Intrinsics are expressed on VGGT's prediction grid (`vggt_grid_from_image`) with the
 principal point at the grid centre, as VGGT predicts it, so the true principal point is NOT kept.
 
+Depth (optional, `depth_from`): the ground-truth models have no dense geometry, so depth is rendered from a
+reconstruction WITH 3D points of the same images (e.g. one our pipeline made), brought onto the ground truth by a
+similarity of the camera centres. Each image's depth map on the prediction grid is the z-buffered depth of the
+points that image observes, seen through its true camera, with holes filled from the nearest rendered pixel; the
+confidence is high at rendered pixels and falls off with the distance to them. In the prior's frame depth scales
+with the similarity's scale. This is a SIMULATED depth: exact at the points, piecewise constant between them.
+
 Usage: python -m vggt_sfm.evaluation.simulate --gt GT_MODEL --images IMAGES --level vggt --seed 0 --output prior.npz
+       [--depth-from MODEL_WITH_POINTS]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,13 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import pycolmap
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from ..errors import UserError
+from ..export.dense import image_observations
 from ..images import scan_images
 from ..predictions import Predictions, save_predictions, vggt_grid_from_image
 from ..prior import PriorCameras
-from .metrics import read_ground_truth
+from .metrics import ALIGNMENT_INLIER_FRACTION, align_centers, cameras_from_reconstruction, read_ground_truth
+
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class NoiseLevel:
@@ -43,6 +57,10 @@ NOISE_LEVELS = {
     "hard": NoiseLevel(rotation_deg=5.0, center_fraction=0.08, focal_fraction=0.10),
 }
 OUTLIER_ROTATION_DEG = 20.0
+# Simulated depth confidence, VGGT-like (> 1, higher is better): 1 + (MAX - 1) exp(-d / RADIUS) at a distance of
+# d grid pixels from the nearest rendered point, so only pixels near real geometry pass the dense export's cut.
+DEPTH_CONFIDENCE_MAX = 10.0
+DEPTH_CONFIDENCE_RADIUS_PX = 4.0
 
 
 def _noise_level(level: str | NoiseLevel) -> NoiseLevel:
@@ -81,6 +99,75 @@ def _rotations_about_random_axes(rng: np.random.Generator, angles_deg: np.ndarra
     return Rotation.from_rotvec(axes * np.radians(angles_deg)[:, None]).as_matrix()
 
 
+def render_depth(
+    points_cam: np.ndarray, intrinsics: np.ndarray, grid_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Depth and confidence (H,W) of camera-frame points (N,3) on a grid of `grid_size` = (width, height).
+
+    `intrinsics` is K in grid pixels with integer pixel centres. Each point lands on its nearest pixel, the
+    nearest point wins (z-buffer); every other pixel takes the depth of the nearest rendered pixel, with a
+    confidence that falls off with that distance (`DEPTH_CONFIDENCE_*`). No point in view: depth and confidence 0.
+    """
+    width, height = grid_size
+    points_cam = np.asarray(points_cam, dtype=np.float64).reshape(-1, 3)
+    points_cam = points_cam[points_cam[:, 2] > 0]
+    projected = points_cam @ np.asarray(intrinsics, dtype=np.float64).T
+    u, v = projected[:, 0] / projected[:, 2], projected[:, 1] / projected[:, 2]
+    inside = (u >= -0.5) & (u < width - 0.5) & (v >= -0.5) & (v < height - 0.5)
+    if not inside.any():
+        return np.zeros((height, width), np.float32), np.zeros((height, width), np.float32)
+    depth = np.full((height, width), np.inf)
+    rows = np.round(v[inside]).astype(int).clip(0, height - 1)
+    cols = np.round(u[inside]).astype(int).clip(0, width - 1)
+    np.minimum.at(depth, (rows, cols), points_cam[inside, 2])
+    distance, (near_rows, near_cols) = ndimage.distance_transform_edt(np.isinf(depth), return_indices=True)
+    confidence = 1.0 + (DEPTH_CONFIDENCE_MAX - 1.0) * np.exp(-distance / DEPTH_CONFIDENCE_RADIUS_PX)
+    return depth[near_rows, near_cols].astype(np.float32), confidence.astype(np.float32)
+
+
+def _read_model(model: pycolmap.Reconstruction | str | Path) -> pycolmap.Reconstruction:
+    if isinstance(model, pycolmap.Reconstruction):
+        return model
+    path = Path(model)
+    if not path.is_dir():
+        raise UserError(f"depth model folder not found: {path} (give a COLMAP model with 3D points, e.g. OUTPUT/sparse/0)")
+    return pycolmap.Reconstruction(str(path))
+
+
+def observed_points(model: pycolmap.Reconstruction | str | Path, truth: PriorCameras) -> list[np.ndarray]:
+    """For each image of `truth`, the (N,3) points `model` sees in that image, in the ground truth's world.
+
+    Images are matched by name; the model's frame is mapped onto the ground truth by a robust similarity of the
+    camera centres. An image the model lacks gets no points.
+    """
+    model = _read_model(model)
+    if model.num_points3D() == 0:
+        raise UserError("the depth model has no 3D points to render depth from (give a reconstructed model, not a ground truth)")
+    cameras = cameras_from_reconstruction(model)
+    index = {name: i for i, name in enumerate(cameras.image_names)}
+    common = [(index[name], i) for i, name in enumerate(truth.image_names) if name in index]
+    if len(common) < 3:
+        raise UserError(
+            f"the depth model shares only {len(common)} image name(s) with the ground truth; at least 3 are needed to align it"
+        )
+    model_ids, truth_ids = (np.array(ids) for ids in zip(*common))
+    gt_from_model, _ = align_centers(
+        cameras.centers()[model_ids], truth.centers()[truth_ids], ALIGNMENT_INLIER_FRACTION * truth.scene_scale()
+    )
+    if gt_from_model is None:
+        raise UserError("the depth model's cameras cannot be aligned to the ground truth (degenerate camera centres)")
+    similarity = gt_from_model.matrix()
+    images = {image.name: image for image in model.images.values() if image.has_pose}
+    points = []
+    for name in truth.image_names:
+        xyz = image_observations(model, images[name])[1] if name in images else np.zeros((0, 3))
+        points.append(xyz @ similarity[:, :3].T + similarity[:, 3])
+    missing = [name for name, xyz in zip(truth.image_names, points) if len(xyz) == 0]
+    if missing:
+        logger.warning("simulated depth: no points for %d image(s), e.g. %s (depth 0 there)", len(missing), missing[0])
+    return points
+
+
 def simulate_prior(
     ground_truth: pycolmap.Reconstruction | PriorCameras | str | Path,
     level: str | NoiseLevel = "vggt",
@@ -88,12 +175,14 @@ def simulate_prior(
     outliers: int | Sequence[int | str] = (),
     outlier_rotation_deg: float = OUTLIER_ROTATION_DEG,
     preprocess: str = "crop",
+    depth_from: pycolmap.Reconstruction | str | Path | None = None,
 ) -> Predictions:
     """A noisy copy of the ground-truth cameras as `Predictions`, in a random similarity frame.
 
     `outliers` (image names or frame indices in sorted-name order, or a count of frames spread evenly) get a
     rotation error of exactly `outlier_rotation_deg` about a random axis instead of the level's rotation noise.
-    The same seed gives the same prior. No depth maps: the ground-truth models here have no dense geometry.
+    The same seed gives the same prior (with or without depth). `depth_from`, a model with 3D points of the same
+    images, adds simulated depth maps and confidences on the prediction grid (see the module docstring).
     """
     gt = ground_truth if isinstance(ground_truth, PriorCameras) else read_ground_truth(ground_truth)
     order = np.argsort(gt.image_names)
@@ -124,21 +213,34 @@ def simulate_prior(
     t = -np.einsum("sij,sj->si", R, centers)
     cam_from_world = np.concatenate([R, t[:, :, None]], axis=2)
 
-    # K in original pixels with integer pixel centres, scaled focal, then onto the prediction grid.
-    K_image = K_gt.copy()
-    K_image[:, :2, :2] *= focal_factor[:, None, None]
-    K_image[:, 0, 2] -= 0.5
-    K_image[:, 1, 2] -= 0.5
+    # K in original pixels with integer pixel centres, then onto the prediction grid.
+    K_true = K_gt.copy()
+    K_true[:, 0, 2] -= 0.5
+    K_true[:, 1, 2] -= 0.5
     grid_from_image, (grid_w, grid_h) = vggt_grid_from_image([tuple(map(int, s)) for s in sizes], preprocess)
-    K_grid = grid_from_image @ K_image
+    K_grid = grid_from_image @ K_true
+    K_grid[:, :2, :2] *= focal_factor[:, None, None]
     K_grid[:, 0, 2] = grid_w / 2.0
     K_grid[:, 1, 2] = grid_h / 2.0
+
+    depth = depth_conf = None
+    if depth_from is not None:
+        truth = PriorCameras(names, sizes, gt.cam_from_world[order], K_gt)
+        # Depth is a property of the image: rendered through the true camera, then in the prior's scale.
+        maps = [
+            render_depth(xyz @ pose[:, :3].T + pose[:, 3], K, (grid_w, grid_h))
+            for xyz, pose, K in zip(observed_points(depth_from, truth), truth.cam_from_world, grid_from_image @ K_true)
+        ]
+        depth = world_scale * np.stack([d for d, _ in maps])
+        depth_conf = np.stack([c for _, c in maps])
 
     return Predictions(
         image_names=names,
         cam_from_world=cam_from_world,
         intrinsics=K_grid,
         grid_from_image=grid_from_image,
+        depth=depth,
+        depth_conf=depth_conf,
     )
 
 
@@ -149,11 +251,12 @@ def write_simulated_prior(
     level: str = "vggt",
     seed: int = 0,
     outlier_frames: int | Sequence[int | str] = (),
+    depth_from: pycolmap.Reconstruction | Path | str | None = None,
 ) -> Predictions:
     """Simulate a prior for the ground-truth model `gt` of the photos in `images`, and save it to `output`.
 
     The photos' real sizes must match the ground-truth cameras, so the prior's grid mapping fits them.
-    `outlier_frames`: as `outliers` of `simulate_prior`.
+    `outlier_frames` and `depth_from`: as `outliers` and `depth_from` of `simulate_prior`.
     """
     cameras = read_ground_truth(gt)
     infos = {info.name: info for info in scan_images(Path(images))}
@@ -169,7 +272,7 @@ def write_simulated_prior(
                 f"image {name} is {info.width}x{info.height} but its ground-truth camera is {width}x{height} "
                 "(the model belongs to other images)"
             )
-    predictions = simulate_prior(cameras, level=level, seed=seed, outliers=outlier_frames)
+    predictions = simulate_prior(cameras, level=level, seed=seed, outliers=outlier_frames, depth_from=depth_from)
     save_predictions(predictions, output)
     return predictions
 
@@ -189,12 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--outlier-frames", type=int, default=0, help="or: this many frames, spread evenly")
     parser.add_argument("--output", required=True, type=Path, help="the .npz file to write")
+    parser.add_argument(
+        "--depth-from", type=Path, help="a COLMAP model with 3D points of the same images: render simulated depth from it"
+    )
     args = parser.parse_args(argv)
     outliers: int | list[str] = [item for item in args.outliers.split(",") if item] or args.outlier_frames
     try:
         predictions = write_simulated_prior(
             gt=args.gt, images=args.images, output=args.output, level=args.level, seed=args.seed,
-            outlier_frames=outliers,
+            outlier_frames=outliers, depth_from=args.depth_from,
         )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
