@@ -51,6 +51,9 @@ class MappingConfig:
     # (Centres are no evidence: PnP trades a camera's centre against its rotation along the viewing direction.)
     failed_prior_angle_deg: float = 5.0
     pnp_max_error: float = 0.01  # RANSAC PnP threshold, as a fraction of the image diagonal
+    # VGGT fails on a few frames, not on many: when more than this fraction of the frames look failed, the
+    # matches are too weak to judge them (e.g. weak texture, short tracks) and every prior pose is kept.
+    max_failed_fraction: float = 0.25
     min_observations: int = 30  # fewer triangulated observations: keep the predicted pose, flag not_refined
     extract_colors: bool = True
 
@@ -101,8 +104,19 @@ def initialize_reconstruction(
     not_refined: set[int] = set()
 
     if config.relocalize:
-        obs, poses, relocalized, failed = _relocalize(obs, poses, cameras, prior, diagonal, config, report)
-        far = _far_from_prior(prior, poses, relocalized, config)
+        relocalized_obs, relocalized_poses, relocalized, failed = _relocalize(
+            obs, poses.copy(), cameras, prior, diagonal, config, report
+        )
+        far = _far_from_prior(prior, relocalized_poses, relocalized, config)
+        if len(far | failed) > max(1, config.max_failed_fraction * num_images):
+            logger.warning(
+                "the matches disagree with the predicted poses of %d of %d images, too many to be failed "
+                "predictions: the matches are too weak to judge them (weak texture?); keeping every predicted pose",
+                len(far | failed), num_images,
+            )  # fmt: skip
+            relocalized, failed, far = [], set(), set()
+        else:
+            obs, poses = relocalized_obs, relocalized_poses
         report.relocalized = [prior.image_names[i] for i in relocalized if i in far]
         report.improved = [prior.image_names[i] for i in relocalized if i not in far]
         for name in report.relocalized:
@@ -379,7 +393,8 @@ def _relocalize(
             candidate = poses.copy()
             candidate[i] = pose
             new_median = float(np.median(reprojection_errors(obs, points[obs.track], candidate, cameras)[mask]))
-        if new_median < 0.5 * prior_median:
+        # The PnP pose must explain the observations (median within its RANSAC threshold), not just less badly.
+        if new_median < 0.5 * prior_median and new_median <= config.pnp_max_error * diagonal[i]:
             logger.info(
                 "%s: prior pose disagrees with the matches (%.1f times the typical error); PnP pose instead "
                 "(%.1f px -> %.1f px against the other frames' points)",

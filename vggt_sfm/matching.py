@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pycolmap
@@ -66,8 +67,20 @@ class MatchingConfig:
     fallback_ratio: float = 0.6  # try RANSAC when fewer than this fraction of raw matches fit the prior
     fallback_gain: float = 1.5  # ... and use it when it explains this many times more matches
     refine_iterations: int = 3  # corrections of the prior geometry on the matches (0: the raw prior)
+    # Correct matches pull the corrected geometry's tolerance down to the keypoint noise; when it stays above
+    # this multiple of the smallest tolerance, the matches that fit are chance alignments (repeated structure
+    # along the epipolar lines), not confirmation of the prior: the pair goes to the RANSAC fallback.
+    max_tolerance_factor: float = 3.0
     refine_max_matches: int = 300  # matches used per correction
     guided_band_factor: float = 1.5  # guided matching searches this multiple of the verification tolerance
+    # Guided matching needs seeds; where too few are found (wide baselines, weak texture), LightGlue matches the
+    # pair instead if the prior says the views overlap: among each image's `lightglue_fallback_neighbors` most
+    # overlapping views, with an overlap score (pairs.overlap_scores) of at least `lightglue_fallback_overlap`.
+    lightglue_fallback_neighbors: int = 3  # 0 disables the fallback
+    lightglue_fallback_overlap: float = 0.1
+    # A RANSAC geometry whose relative rotation is this far from the prior's is a wrong model (repeated or
+    # symmetric structure): no prediction is that wrong on a pair of frames where it is right elsewhere.
+    max_ransac_rotation_deg: float = 30.0
     ransac_threshold_px: float = 4.0  # COLMAP's max_error, in original pixels
     min_inliers: int = 15
     device: str = "cpu"
@@ -166,6 +179,36 @@ class _LightGlueMatcher:
         return out["matches"][0].cpu().numpy().astype(np.int64), out["scores"][0].float().cpu().numpy()
 
 
+class _LazyLightGlue:
+    """The LightGlue matcher, loaded on its first use (guided matching needs it for a few pairs at most)."""
+
+    def __init__(self, features: list, config: MatchingConfig):
+        self.features, self.config, self.matcher, self.calls = features, config, None, 0
+
+    def __call__(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.matcher is None:
+            self.matcher = _LightGlueMatcher(self.features, self.config)
+        self.calls += 1
+        return self.matcher(i, j)
+
+
+def _lightglue_fallback_pairs(prior: PriorCameras, extractor: str, config: MatchingConfig) -> set[tuple[int, int]]:
+    """Pairs (i<j) that LightGlue may match when guided matching finds too few seeds (see MatchingConfig)."""
+    if extractor not in LIGHTGLUE_FEATURES or config.lightglue_fallback_neighbors <= 0 or prior.num_images < 2:
+        return set()
+    from .pairs import PairsConfig, overlap_scores
+
+    scores = overlap_scores(prior, PairsConfig())
+    k = min(config.lightglue_fallback_neighbors, prior.num_images - 1)
+    nearest = np.argsort(-scores, axis=1)[:, :k]
+    chosen = set()
+    for i, row in enumerate(nearest):
+        for j in row.tolist():
+            if scores[i, j] >= config.lightglue_fallback_overlap:
+                chosen.add((min(i, j), max(i, j)))
+    return chosen
+
+
 def mutual_nn_ratio(
     descriptors0: np.ndarray,
     descriptors1: np.ndarray,
@@ -236,22 +279,25 @@ def guided_matches(
     K_j: np.ndarray,
     cam_j_from_cam_i: pycolmap.Rigid3d,
     config: MatchingConfig,
+    fallback: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest-neighbour matches searched inside the epipolar band of the prior, corrected on seed matches.
 
     Mutual nearest neighbours with the ratio test give seeds; the prior relative pose is refined on the seeds
     that fit it (`fit_prior_geometry`), and the ratio test is then run among the candidates inside the
-    corrected band only. If the seeds are few or mostly disagree with the prior, they are returned unguided, so
-    that verification can fall back to RANSAC.
+    corrected band only. If the seeds are few or mostly disagree with the prior, `fallback()` matches the pair
+    when given; otherwise the seeds are returned unguided, so that verification can fall back to RANSAC.
     """
     seeds, seed_scores = mutual_nn_ratio(
         features_i.descriptors, features_j.descriptors, config.ratio, config.max_distance
     )
-    if len(seeds) < config.min_inliers:
-        return seeds, seed_scores  # too few to confirm the prior: a band around a wrong one would invent matches
-    geometry = fit_prior_geometry(features_i, features_j, seeds, K_i, K_j, cam_j_from_cam_i, config)
-    if geometry.inliers.mean() < config.fallback_ratio:
-        return seeds, seed_scores
+    # Too few seeds cannot confirm the prior: a band around a wrong one would invent matches.
+    guidable = len(seeds) >= config.min_inliers
+    if guidable:
+        geometry = fit_prior_geometry(features_i, features_j, seeds, K_i, K_j, cam_j_from_cam_i, config)
+        guidable = geometry.inliers.mean() >= config.fallback_ratio
+    if not guidable:
+        return fallback() if fallback is not None else (seeds, seed_scores)
     band = _sampson_band(
         features_i.keypoints, features_j.keypoints, geometry.F, config.guided_band_factor * geometry.tolerance
     )
@@ -285,11 +331,15 @@ def match_pairs(
     elif matcher_name == "guided":
         if prior is None:
             raise UserError("guided matching needs the predicted cameras; use the lightglue or nn-ratio matcher")
+        fallback_pairs = _lightglue_fallback_pairs(prior, extractor, config)
+        lightglue = _LazyLightGlue(features, config)
 
         def match(i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+            fallback = (lambda: lightglue(i, j)) if (i, j) in fallback_pairs else None
             return guided_matches(
-                features[i], features[j], prior.intrinsics[i], prior.intrinsics[j], relative_pose(prior, i, j), config
-            )
+                features[i], features[j], prior.intrinsics[i], prior.intrinsics[j], relative_pose(prior, i, j), config,
+                fallback,
+            )  # fmt: skip
 
     matches, scores = [], []
     for i, j in log.progress(pairs, desc="matching", total=len(pairs), enabled=progress):
@@ -297,10 +347,11 @@ def match_pairs(
         matches.append(m)
         scores.append(s)
     logger.info(
-        "%s: %d pairs, %.0f matches per pair on average",
+        "%s: %d pairs, %.0f matches per pair on average%s",
         matcher_name,
         len(pairs),
         np.mean([len(m) for m in matches]) if matches else 0.0,
+        f" ({lightglue.calls} by LightGlue, too few seeds)" if matcher_name == "guided" and lightglue.calls else "",
     )
     return PairMatches(pairs=pairs, matches=matches, scores=scores)
 
@@ -515,11 +566,14 @@ def ransac_inliers(
     camera_i: pycolmap.Camera,
     camera_j: pycolmap.Camera,
     config: MatchingConfig,
+    prior_cam_j_from_cam_i: pycolmap.Rigid3d | None = None,
 ) -> np.ndarray:
-    """Inlier matches of COLMAP's two-view geometry estimation (E, F and H by LO-RANSAC); empty if degenerate."""
+    """Inlier matches of COLMAP's two-view geometry estimation (E, F and H by LO-RANSAC); empty if degenerate,
+    or, given the prior's relative pose, if the estimated rotation is more than `max_ransac_rotation_deg` from it."""
     if len(matches) < 8:
         return np.zeros((0, 2), dtype=np.int64)
     options = pycolmap.TwoViewGeometryOptions()
+    options.compute_relative_pose = prior_cam_j_from_cam_i is not None
     options.ransac.max_error = config.ransac_threshold_px
     options.ransac.random_seed = 0  # reproducible
     options.min_num_inliers = config.min_inliers
@@ -534,6 +588,10 @@ def ransac_inliers(
         )
     if int(geometry.config) not in _USABLE_CONFIGS:
         return np.zeros((0, 2), dtype=np.int64)
+    if prior_cam_j_from_cam_i is not None and geometry.cam2_from_cam1 is not None:
+        difference = geometry.cam2_from_cam1.rotation * prior_cam_j_from_cam_i.rotation.inverse()
+        if np.degrees(difference.angle()) > config.max_ransac_rotation_deg:
+            return np.zeros((0, 2), dtype=np.int64)
     return np.asarray(geometry.inlier_matches, dtype=np.int64).reshape(-1, 2)
 
 
@@ -580,13 +638,16 @@ def verify_matches(
             inliers = ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config)
             method = "ransac"
         else:
+            prior_pose = relative_pose(prior, i, j)
             geometry = fit_prior_geometry(
-                features[i], features[j], matches, prior.intrinsics[i], prior.intrinsics[j], relative_pose(prior, i, j),
-                config,
+                features[i], features[j], matches, prior.intrinsics[i], prior.intrinsics[j], prior_pose, config
             )
             inliers, method, tolerance = matches[geometry.inliers], "prior", geometry.tolerance
+            lowest, _ = tolerance_bounds(features[i], features[j], config)
+            if config.refine_iterations > 0 and geometry.tolerance > config.max_tolerance_factor * lowest:
+                inliers = inliers[:0]
             if len(matches) >= config.min_inliers and len(inliers) < config.fallback_ratio * len(matches):
-                ransac = ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config)
+                ransac = ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config, prior_pose)
                 if len(ransac) >= config.min_inliers and len(ransac) >= config.fallback_gain * len(inliers):
                     inliers, method, tolerance = ransac, "ransac", config.ransac_threshold_px
         if len(inliers) >= config.min_inliers:

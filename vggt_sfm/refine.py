@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pycolmap
+from scipy.sparse.csgraph import connected_components
 
 from .log import quiet_pycolmap
 
@@ -66,7 +67,13 @@ class RefineConfig:
     retriangulate: bool = True  # create, complete and merge tracks from the verified matches
     max_change: float = 0.002  # stop when a round filters or adds fewer observations than this fraction
     min_image_observations: int = 10  # fewer: the image's pose is held constant in that round
+    min_shared_points: int = 15  # images sharing fewer 3D points are not connected (placed by the prior per group)
     max_iterations: int = 100  # per BA (Ceres)
+    # The camera centres refinement starts from (the prediction's) are kept as soft position priors, with this
+    # standard deviation (fraction of the scene extent): they fix the gauge without holding any camera exactly,
+    # and they hold parts of a weakly connected scene where the matches alone leave them free. 0: no priors,
+    # the gauge is fixed on two cameras instead.
+    position_prior_std: float = 0.05
 
 
 @dataclass
@@ -138,9 +145,11 @@ def refine_reconstruction(
         initial_errors = np.array([p.error for p in rec.points3D.values()])
         robust_scale = max(config.loss_scale_px, float(np.median(initial_errors)) if len(initial_errors) else 0.0)
 
+        position_priors = _position_priors(rec, config.position_prior_std)
         guard = _Guard(
             initial_focal={camera_id: camera.mean_focal_length() for camera_id, camera in rec.cameras.items()},
             initial_rotations={i: rec.images[i].cam_from_world().rotation.matrix() for i in rec.reg_image_ids()},
+            initial_poses={i: rec.images[i].cam_from_world().matrix() for i in rec.reg_image_ids()},
         )
         fov = min(_diagonal_fov_deg(camera) for camera in rec.cameras.values())
         refine = {
@@ -160,7 +169,9 @@ def refine_reconstruction(
             robust = index < config.robust_rounds and config.loss != "trivial"
             if principal_point_possible and not robust and not refine["principal_point"]:
                 refine["principal_point"] = stable or index == config.rounds - 1
-            summary, held = _guarded_bundle_adjust(rec, config, robust, robust_scale, refine, constant, guard)
+            summary, held = _guarded_bundle_adjust(
+                rec, config, robust, robust_scale, refine, constant, guard, position_priors
+            )
             if summary.diverged:
                 report.diverged = True
                 last_changed = False
@@ -202,7 +213,7 @@ def refine_reconstruction(
                 break
         if last_changed and report.history:
             # The model changed after its last adjustment: adjust once more so the result is a BA optimum.
-            summary, _ = _guarded_bundle_adjust(rec, config, False, robust_scale, refine, constant, guard)
+            summary, _ = _guarded_bundle_adjust(rec, config, False, robust_scale, refine, constant, guard, position_priors)
             report.diverged = summary.diverged
             observations.filter_all_points3D(config.max_reproj_error_px, config.min_tri_angle_deg)
         report.refined_intrinsics = [name for name, on in refine.items() if on]
@@ -288,6 +299,7 @@ class _Guard:
 
     initial_focal: dict[int, float]  # camera id -> mean focal length
     initial_rotations: dict[int, np.ndarray]  # image id -> (3,3) cam_from_world rotation
+    initial_poses: dict[int, np.ndarray] = field(default_factory=dict)  # image id -> (3,4) cam_from_world
 
 
 def _guarded_bundle_adjust(
@@ -298,6 +310,7 @@ def _guarded_bundle_adjust(
     refine: dict[str, bool],
     constant: set[int],
     guard: _Guard,
+    position_priors: list[pycolmap.PosePrior] = (),
 ) -> tuple[_Adjustment, set[int]]:
     """BA, checked. When it produces implausible intrinsics, restore the model, hold the offending intrinsics
     (in `refine`, for the rounds to come too) and adjust again; when it turns the cameras far from where
@@ -307,10 +320,11 @@ def _guarded_bundle_adjust(
     while True:
         active = {key: on and not robust for key, on in refine.items()}
         before = pycolmap.Reconstruction(rec)
-        summary, held = _bundle_adjust(rec, config, robust, robust_scale, active, constant)
+        summary, held = _bundle_adjust(rec, config, robust, robust_scale, active, constant, position_priors)
         if summary is not None:
             result.num_residuals = int(summary.num_residuals)
             result.termination = str(summary.termination_type).split(".")[-1]
+            _align_components(rec, guard.initial_poses, constant | held, config.min_shared_points)
         change = _rotation_change_deg(rec, guard.initial_rotations)
         if change > config.max_rotation_change_deg:
             _restore(rec, before)
@@ -329,6 +343,26 @@ def _guarded_bundle_adjust(
             refine[key] = False
         result.frozen += implausible
         logger.warning("bundle adjustment made implausible intrinsics (%s); holding them", ", ".join(implausible))
+
+
+def _position_priors(rec: pycolmap.Reconstruction, std: float) -> list[pycolmap.PosePrior]:
+    """The registered images' current camera centres as COLMAP position priors (std: fraction of the extent)."""
+    ids = list(rec.reg_image_ids())
+    if std <= 0 or len(ids) < 3:
+        return []
+    centers = np.array([rec.images[i].projection_center() for i in ids])
+    extent = float(np.median(np.linalg.norm(centers - np.median(centers, axis=0), axis=1)))
+    if not extent > 0:
+        return []
+    priors = []
+    for image_id, center in zip(ids, centers):
+        prior = pycolmap.PosePrior()
+        prior.position = center
+        prior.position_covariance = np.eye(3) * (std * extent) ** 2
+        prior.coordinate_system = pycolmap.PosePriorCoordinateSystem.CARTESIAN
+        prior.corr_data_id = rec.images[image_id].data_id
+        priors.append(prior)
+    return priors
 
 
 def _rotation_change_deg(rec: pycolmap.Reconstruction, initial: dict[int, np.ndarray]) -> float:
@@ -401,6 +435,7 @@ def _bundle_adjust(
     robust_scale: float,
     refine: dict[str, bool],
     constant: set[int],
+    position_priors: list[pycolmap.PosePrior] = (),
 ) -> tuple[pycolmap.BundleAdjustmentSummary | None, set[int]]:
     """One BA over all registered images; returns the summary and the images held for lack of observations."""
     options = pycolmap.BundleAdjustmentOptions()
@@ -428,8 +463,12 @@ def _bundle_adjust(
         )  # fmt: skip
     if rec.num_points3D() == 0:
         return None, held
-    ba_config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
-    adjuster = pycolmap.create_default_bundle_adjuster(options, ba_config, rec)
+    if position_priors:
+        prior_options = pycolmap.PosePriorBundleAdjustmentOptions()
+        adjuster = pycolmap.create_pose_prior_bundle_adjuster(options, prior_options, ba_config, position_priors, rec)
+    else:
+        ba_config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+        adjuster = pycolmap.create_default_bundle_adjuster(options, ba_config, rec)
     summary = adjuster.solve()
     if not summary.is_solution_usable():
         logger.warning("bundle adjustment did not produce a usable solution (%s)", summary.termination_type)
@@ -468,20 +507,15 @@ def _retriangulate(
     return added
 
 
-def _align_to_reference(
-    rec: pycolmap.Reconstruction, reference_poses: dict[int, np.ndarray], constant: set[int]
-) -> None:
-    """Map the refined model onto the frame it started in, keeping the constant images' poses unchanged.
+def _similarity_to_reference(
+    refined: np.ndarray, reference: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """(scale, Q, translation) of the world similarity X -> scale * Q X + translation that best maps cameras
+    with poses `refined` (N,3,4) onto `reference` (N,3,4); None when the centres cannot fix the scale.
 
     The rotation comes from the cameras' orientations (centres alone leave it loose when the cameras stand
     on a line), scale and translation from the centres.
     """
-    variable = [i for i in reference_poses if i not in constant and rec.exists_image(i)]
-    if len(variable) < 2:
-        return
-    held_poses = {i: rec.images[i].cam_from_world() for i in constant if rec.exists_image(i)}
-    refined = np.array([rec.images[i].cam_from_world().matrix() for i in variable])
-    reference = np.array([reference_poses[i] for i in variable])
     # R_refined = R_reference @ Q for the world rotation Q (refined -> reference); chordal mean over images.
     u, _, vt = np.linalg.svd(np.einsum("nji,njk->ik", reference[:, :, :3], refined[:, :, :3]))
     Q = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
@@ -495,12 +529,87 @@ def _align_to_reference(
     target_centered = target - target.mean(axis=0)
     denominator = float(np.sum(source_centered**2))
     if denominator <= 0:
-        return
+        return None
     scale = float(np.sum(source_centered * target_centered)) / denominator
     if scale <= 0:
+        return None
+    return scale, Q, target.mean(axis=0) - scale * source.mean(axis=0)
+
+
+def _align_to_reference(
+    rec: pycolmap.Reconstruction, reference_poses: dict[int, np.ndarray], constant: set[int]
+) -> None:
+    """Map the refined model onto the frame it started in, keeping the constant images' poses unchanged."""
+    variable = [i for i in reference_poses if i not in constant and rec.exists_image(i)]
+    if len(variable) < 2:
         return
-    translation = target.mean(axis=0) - scale * source.mean(axis=0)
+    held_poses = {i: rec.images[i].cam_from_world() for i in constant if rec.exists_image(i)}
+    refined = np.array([rec.images[i].cam_from_world().matrix() for i in variable])
+    similarity = _similarity_to_reference(refined, np.array([reference_poses[i] for i in variable]))
+    if similarity is None:
+        return
+    scale, Q, translation = similarity
     rec.transform(pycolmap.Sim3d(scale, pycolmap.Rotation3d(Q), translation))
     for image_id, pose in held_poses.items():
         image = rec.images[image_id]
         rec.frames[image.frame_id].set_cam_from_world(image.camera_id, pose)
+
+
+def _components(rec: pycolmap.Reconstruction, images: set[int], min_shared_points: int) -> list[list[int]]:
+    """Groups of `images` connected by at least `min_shared_points` common 3D points, largest first."""
+    index = {image_id: k for k, image_id in enumerate(sorted(images))}
+    shared: dict[tuple[int, int], int] = {}
+    for point in rec.points3D.values():
+        seen = sorted({int(e.image_id) for e in point.track.elements if int(e.image_id) in index})
+        for a in range(len(seen)):
+            for b in range(a + 1, len(seen)):
+                shared[(seen[a], seen[b])] = shared.get((seen[a], seen[b]), 0) + 1
+    edges = [(index[a], index[b]) for (a, b), count in shared.items() if count >= min_shared_points]
+    graph = np.zeros((len(index), len(index)), dtype=bool)
+    for a, b in edges:
+        graph[a, b] = True
+    _, labels = connected_components(graph, directed=False)
+    ids = sorted(images)
+    groups = [[ids[k] for k in np.flatnonzero(labels == label)] for label in np.unique(labels)]
+    return sorted(groups, key=len, reverse=True)
+
+
+def _align_components(
+    rec: pycolmap.Reconstruction, reference_poses: dict[int, np.ndarray], constant: set[int], min_shared_points: int
+) -> int:
+    """Place each group of images that the matches connect (see `_components`) where the reference put it.
+
+    Matches fix the cameras of a connected group relative to each other, never relative to another group: that
+    placement is free in bundle adjustment (soft position priors hold it only loosely, and not at all against a
+    rotation about a short row of cameras). The reference (the prediction) decides it instead, by a similarity
+    per group. Returns the number of groups (nothing moves when there is one).
+    """
+    images = {i for i in rec.reg_image_ids() if i not in constant and i in reference_poses}
+    groups = _components(rec, images, min_shared_points)
+    if len(groups) < 2:
+        return len(groups)
+    group_of = {image_id: g for g, group in enumerate(groups) for image_id in group}
+    transforms = []
+    for group in groups:
+        refined = np.array([rec.images[i].cam_from_world().matrix() for i in group])
+        similarity = _similarity_to_reference(refined, np.array([reference_poses[i] for i in group]))
+        if similarity is None:  # one camera, or all at one place: its reference pose places the group
+            i = group[0]
+            R_ref, R = reference_poses[i][:, :3], refined[0][:, :3]
+            Q = R_ref.T @ R
+            center = -R.T @ refined[0][:, 3]
+            similarity = (1.0, Q, -R_ref.T @ reference_poses[i][:, 3] - Q @ center)
+        transforms.append(similarity)
+    for image_id in images:
+        scale, Q, translation = transforms[group_of[image_id]]
+        image = rec.images[image_id]
+        pose = image.cam_from_world().matrix()
+        rotation = pose[:, :3] @ Q.T
+        new_pose = np.concatenate([rotation, (scale * pose[:, 3] - rotation @ translation)[:, None]], axis=1)
+        rec.frames[image.frame_id].set_cam_from_world(image.camera_id, pycolmap.Rigid3d(new_pose))
+    for point in rec.points3D.values():
+        owners = [group_of[int(e.image_id)] for e in point.track.elements if int(e.image_id) in group_of]
+        if owners:
+            scale, Q, translation = transforms[max(set(owners), key=owners.count)]
+            point.xyz = scale * (Q @ point.xyz) + translation
+    return len(groups)
