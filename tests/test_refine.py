@@ -138,3 +138,26 @@ def test_retriangulation_restores_points_from_the_matches(scene, tracks):
     alone = refine_reconstruction(rec_alone, RefineConfig(max_iterations=30))
     assert all(r.added == 0 for r in alone.history)
     assert alone.num_points <= partial.num_tracks
+
+
+def test_groups_the_matches_do_not_connect_are_placed_by_the_prior(scene):
+    """Two groups of images without a match between them: inside each the matches decide (accurate), between
+    them only the prior can (about as accurate as the prior, never pulled apart by the free gauge)."""
+    first = 3  # images 0..2 against 3..5
+    pairs = scene.verified.pairs
+    keep = (pairs < first).all(axis=1) | (pairs >= first).all(axis=1)
+    verified = type(scene.verified)(
+        pairs[keep], [m for m, k in zip(scene.verified.matches, keep) if k],
+        [m for m, k in zip(scene.verified.method, keep) if k], scene.verified.num_raw[keep],
+    )  # fmt: skip
+    split_tracks = build_tracks(verified, [len(f.keypoints) for f in scene.features])
+    prior = simulated_prior(scene)
+    rec, _ = initialize_reconstruction(prior, scene.features, split_tracks, None, None)
+    refine_reconstruction(rec, RefineConfig(), verified=verified)
+
+    result, before = evaluate(rec, scene.gt), evaluate(prior, scene.gt)
+    across = (result.pairs < first).sum(axis=1) == 1
+    assert np.median(result.pair_rotation_errors[~across]) < 0.2
+    # Each group is placed by the prior's poses of its own images (a mean over them): no worse than the prior.
+    assert np.median(result.pair_rotation_errors[across]) < np.median(before.pair_rotation_errors[across]) + 0.5
+    assert np.max(result.pair_rotation_errors[across]) < np.max(before.pair_rotation_errors) + 1.0

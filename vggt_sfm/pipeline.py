@@ -27,7 +27,7 @@ from . import pairs as pairs_stage
 from . import refine as refine_stage
 from . import tracks as tracks_stage
 from .cache import StageCache, file_fingerprint, stage_key
-from .config import PipelineConfig
+from .config import PipelineConfig, load_preset
 from .errors import UserError
 from .images import ImageInfo, list_images, scan_images
 from .log import quiet_pycolmap
@@ -215,10 +215,12 @@ def run(
 ) -> ReconstructionResult:
     """Reconstruct a folder of images, initialised by VGGT predictions (a file, a Predictions, or run VGGT).
 
+    Without `config`, the `default` preset (`pipelines/default.toml`) is used, as on the command line.
+
     With `output`, writes `sparse/0/` (binary model), `points3D.ply`, `summary.json` (and the extras the config
     asks for) atomically, caching every stage's result under `output/cache/` so that a rerun resumes.
     """
-    config = config or PipelineConfig()
+    config = config or load_preset("default")  # the same run as the command line's default
     images_dir = Path(images_dir)
     timer = _Timer()
     output_path = Path(output) if output is not None else None

@@ -543,7 +543,9 @@ def _align_to_reference(
     variable = [i for i in reference_poses if i not in constant and rec.exists_image(i)]
     if len(variable) < 2:
         return
-    held_poses = {i: rec.images[i].cam_from_world() for i in constant if rec.exists_image(i)}
+    # Held images get back exactly the poses they started with (the pose-prior adjuster moves the whole model
+    # into its own frame and back, which is not exact for them).
+    held_poses = {i: pycolmap.Rigid3d(reference_poses[i]) for i in constant if i in reference_poses}
     refined = np.array([rec.images[i].cam_from_world().matrix() for i in variable])
     similarity = _similarity_to_reference(refined, np.array([reference_poses[i] for i in variable]))
     if similarity is None:
@@ -582,12 +584,12 @@ def _align_components(
     Matches fix the cameras of a connected group relative to each other, never relative to another group: that
     placement is free in bundle adjustment (soft position priors hold it only loosely, and not at all against a
     rotation about a short row of cameras). The reference (the prediction) decides it instead, by a similarity
-    per group. Returns the number of groups (nothing moves when there is one).
+    per group; with one group, that only fixes the gauge the same way. Returns the number of groups.
     """
     images = {i for i in rec.reg_image_ids() if i not in constant and i in reference_poses}
     groups = _components(rec, images, min_shared_points)
-    if len(groups) < 2:
-        return len(groups)
+    if not groups:
+        return 0
     group_of = {image_id: g for g, group in enumerate(groups) for image_id in group}
     transforms = []
     for group in groups:

@@ -33,7 +33,6 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from ..errors import UserError
-from ..export.dense import image_observations
 from ..images import scan_images
 from ..predictions import Predictions, save_predictions, vggt_grid_from_image
 from ..prior import PriorCameras
@@ -134,6 +133,9 @@ def _read_model(model: pycolmap.Reconstruction | str | Path) -> pycolmap.Reconst
     return pycolmap.Reconstruction(str(path))
 
 
+MIN_TRACK_LENGTH = 3  # images that must see a point for it to be rendered into simulated depth
+
+
 def observed_points(model: pycolmap.Reconstruction | str | Path, truth: PriorCameras) -> list[np.ndarray]:
     """For each image of `truth`, the (N,3) points `model` sees in that image, in the ground truth's world.
 
@@ -158,9 +160,18 @@ def observed_points(model: pycolmap.Reconstruction | str | Path, truth: PriorCam
         raise UserError("the depth model's cameras cannot be aligned to the ground truth (degenerate camera centres)")
     similarity = gt_from_model.matrix()
     images = {image.name: image for image in model.images.values() if image.has_pose}
+    # Points that only two images see include the model's few wrong ones, and each would paint a patch of
+    # confident wrong depth around it; three views confirm a point (all points when too few have three).
+    confirmed = {point_id for point_id, point in model.points3D.items() if point.track.length() >= MIN_TRACK_LENGTH}
+    use_all = len(confirmed) < 0.2 * model.num_points3D()
     points = []
     for name in truth.image_names:
-        xyz = image_observations(model, images[name])[1] if name in images else np.zeros((0, 3))
+        xyz = np.zeros((0, 3))
+        if name in images:
+            ids = [p.point3D_id for p in images[name].points2D if p.has_point3D()]
+            xyz = np.array(
+                [model.points3D[i].xyz for i in ids if use_all or i in confirmed], dtype=np.float64
+            ).reshape(-1, 3)
         points.append(xyz @ similarity[:, :3].T + similarity[:, 3])
     missing = [name for name, xyz in zip(truth.image_names, points) if len(xyz) == 0]
     if missing:
