@@ -10,8 +10,8 @@ pixel centre at (0.5, 0.5)), whatever resolution the detector ran at.
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,9 +175,17 @@ def extract_image(image: np.ndarray, config: FeatureConfig, extractor=None) -> F
     )
 
 
+def _extract_file(job: tuple[Path, FeatureConfig]) -> Features:
+    """Features of one image file (the unit of work of the SIFT worker processes)."""
+    path, config = job
+    return extract_image(read_image(path), config)
+
+
 def _sift_workers(config: FeatureConfig, num_images: int) -> int:
     if config.extractor != "sift":
         return 1  # torch already spreads one image over the cores
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
     cores = config.num_workers or torch.get_num_threads()
     return max(1, min(cores, num_images))
 
@@ -192,21 +200,21 @@ def extract_features(
     """
     images_dir = Path(images_dir)
     extractor = _make_extractor(config)  # checks the configuration before any work
-    names = log.progress(image_names, desc="features", total=len(image_names), enabled=progress)
     workers = _sift_workers(config, len(image_names))
     if workers <= 1:
-        features = [extract_image(read_image(images_dir / name), config, extractor) for name in names]
+        features = [
+            extract_image(read_image(images_dir / name), config, extractor)
+            for name in log.progress(image_names, desc="features", total=len(image_names), enabled=progress)
+        ]
     else:
-        # COLMAP's SIFT runs on one core per image and releases the GIL: one image per core, as COLMAP does.
-        local = threading.local()
-
-        def extract(name: str) -> Features:
-            if not hasattr(local, "extractor"):
-                local.extractor = _make_extractor(config)  # one per thread: COLMAP's extractor is not shared
-            return extract_image(read_image(images_dir / name), config, local.extractor)
-
-        with ThreadPoolExecutor(workers) as pool:
-            features = list(pool.map(extract, names))
+        # COLMAP's SIFT holds the GIL, so threads would run one at a time: one process per core instead, as
+        # COLMAP runs one image per core. Forked workers start at once; they use pycolmap, OpenCV, PIL and
+        # numpy, never torch.
+        context = multiprocessing.get_context("fork")
+        jobs = [(images_dir / name, config) for name in image_names]
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = pool.map(_extract_file, jobs)
+            features = list(log.progress(results, desc="features", total=len(jobs), enabled=progress))
     logger.info(
         "%s: %d images, %.0f keypoints per image on average",
         config.extractor,
