@@ -188,8 +188,9 @@ def write_readme_section(table: str, rows: list[dict], threads: int, note: str =
         SECTION_START,
         "## Pipeline vs COLMAP on real sets with ground truth (`bench_pipeline.py`)",
         "",
-        f"Run {datetime.date(2026, 11, 25).isoformat()} on this machine ({os.cpu_count()} CPU cores, shared with other "
-        f"jobs, so times are ±50 %), {threads} threads, CPU only: `python benchmarks/bench_pipeline.py --readme`.",
+        f"Run {datetime.date.today().isoformat()} on this machine ({os.cpu_count()} CPU cores), {threads} threads, CPU "
+        "only: `python benchmarks/bench_pipeline.py --readme`. COLMAP and ours run one after the other in the same "
+        "invocation for each set, so their time ratio is fair; see the note below for the machine's load.",
         "",
         "- `colmap`: pycolmap 4.2.1 `extract_features` (SIFT, default options, default max_image_size), "
         "`match_exhaustive`, `incremental_mapping`; the largest model.",
