@@ -8,7 +8,7 @@ weights and activations; "after build" is the RSS before the forward pass).
 Configurations: frames (2, 4) x heads (`camera+depth`, and `all` = camera, depth, point and track with 64 query
 points) x implementation (`ours`, and `official` with --official), all fp32; plus `ours` camera+depth in
 bf16 autocast (the aggregator; heads in fp32), compared with `ours` fp32 on the same weights and images:
-rotation and translation-direction angle, relative translation and focal error, relative depth error.
+rotation and translation-direction angle, relative translation, field-of-view difference, relative depth error.
 
 The official code is not part of this project: fetch facebookresearch/vggt somewhere outside the repository
 and pass the folder holding its `vggt/` package (it also needs `einops`; a folder with it can be given with
@@ -169,14 +169,16 @@ def compare(reference: str, other: str) -> dict:
         trans_rel.append(np.linalg.norm(ta - tb) / max(norm, 1e-12))
         if norm > 1e-9 and np.linalg.norm(tb) > 1e-9:
             dir_deg.append(np.degrees(np.arccos(np.clip(ta @ tb / norm / np.linalg.norm(tb), -1, 1))))
-    fa, fb = a["intrinsic"][:, 0, 0], b["intrinsic"][:, 0, 0]
+    # Field of view, not focal length: random weights can give FoV 0 (the camera head's ReLU), an infinite focal.
+    width = 2 * a["intrinsic"][:, 0, 2]
+    fov_a, fov_b = (np.degrees(2 * np.arctan(width / 2 / K[:, 0, 0])) for K in (a["intrinsic"], b["intrinsic"]))
     da, db = a["depth"], b["depth"]
     rel = np.abs(db - da) / np.maximum(np.abs(da), 1e-12)
     return {
         "rotation_deg_max": float(np.max(rot_deg)),
         "translation_dir_deg_max": float(np.max(dir_deg)) if dir_deg else float("nan"),
         "translation_rel_max": float(np.max(trans_rel)),
-        "focal_rel_max": float(np.max(np.abs(fb - fa) / fa)),
+        "fov_deg_max": float(np.max(np.abs(fov_b - fov_a))),
         "depth_rel_median": float(np.median(rel)),
         "depth_rel_p99": float(np.percentile(rel, 99)),
         "depth_range_fp32": [float(da.min()), float(da.max())],
@@ -293,12 +295,12 @@ def main() -> None:
         lines += ["", ratios(rows)]
     if drift:
         lines += ["", "bf16 CPU mode vs fp32 (ours, camera+depth, same random weights, real images):", "",
-                  "| frames | rotation max (deg) | translation direction max (deg) | translation rel. max | focal rel. max | depth rel. median | depth rel. p99 |",
+                  "| frames | rotation max (deg) | translation direction max (deg) | translation rel. max | horizontal FoV max (deg) | depth rel. median | depth rel. p99 |",
                   "|---|---|---|---|---|---|---|"]
         for frames, d in drift.items():
             lines.append(
                 f"| {frames} | {d['rotation_deg_max']:.3f} | {d['translation_dir_deg_max']:.3f} | {d['translation_rel_max']:.4f} | "
-                f"{d['focal_rel_max']:.4f} | {d['depth_rel_median']:.4f} | {d['depth_rel_p99']:.4f} |"
+                f"{d['fov_deg_max']:.3f} | {d['depth_rel_median']:.4f} | {d['depth_rel_p99']:.4f} |"
             )
     text = "\n".join(lines)
     print(text)
