@@ -69,6 +69,9 @@ class RefineConfig:
     min_image_observations: int = 10  # fewer: the image's pose is held constant in that round
     min_shared_points: int = 15  # images sharing fewer 3D points are not connected (placed by the prior per group)
     max_iterations: int = 100  # per BA (Ceres)
+    # Ceres stops when an iteration lowers the cost by less than this fraction. COLMAP sets 0 (run to the
+    # iteration limit); the rounds after the first start near the optimum, where the last iterations gain nothing.
+    function_tolerance: float = 0.0
     # The camera centres refinement starts from (the prediction's) are kept as soft position priors, with this
     # standard deviation (fraction of the scene extent): they fix the gauge without holding any camera exactly,
     # and they hold parts of a weakly connected scene where the matches alone leave them free. 0: no priors,
@@ -446,6 +449,7 @@ def _bundle_adjust(
     options.ceres.loss_function_type = LOSSES[config.loss] if robust else pycolmap.LossFunctionType.TRIVIAL
     options.ceres.loss_function_scale = robust_scale
     options.ceres.solver_options.max_num_iterations = config.max_iterations
+    options.ceres.solver_options.function_tolerance = config.function_tolerance
 
     ba_config = pycolmap.BundleAdjustmentConfig()
     held = set()
