@@ -430,6 +430,7 @@ class PairGeometry:
     tolerance: float  # Sampson tolerance in pixels
     inliers: np.ndarray  # (M,) bool over the matches it was fitted to
     prior_tolerance: float  # the tolerance under the uncorrected prior: how wrong the prior was
+    lowest_tolerance: float  # the keypoints' precision, the floor a correct correction converges to
 
 
 def _cross_matrices(t: np.ndarray) -> np.ndarray:
@@ -542,7 +543,7 @@ def fit_prior_geometry(
     F = fundamental_matrix(K_i, K_j, cam_j_from_cam_i)
     distances = sampson_distances(points_i, points_j, F)
     tolerance = robust_tolerance(distances, lowest, highest, config)
-    geometry = PairGeometry(F, tolerance, distances <= tolerance, tolerance)
+    geometry = PairGeometry(F, tolerance, distances <= tolerance, tolerance, lowest)
     if np.linalg.norm(cam_j_from_cam_i.translation) < 1e-12:
         return geometry  # no baseline, no epipolar geometry to correct
     for _ in range(config.refine_iterations):
@@ -555,7 +556,7 @@ def fit_prior_geometry(
         F = refine_fundamental(points_i[fit], points_j[fit], K_i, K_j, cam_j_from_cam_i, lowest)
         distances = sampson_distances(points_i, points_j, F)
         tolerance = min(robust_tolerance(distances, lowest, highest, config), geometry.tolerance)
-        geometry = PairGeometry(F, tolerance, distances <= tolerance, geometry.prior_tolerance)
+        geometry = PairGeometry(F, tolerance, distances <= tolerance, geometry.prior_tolerance, lowest)
     return geometry
 
 
@@ -643,8 +644,8 @@ def verify_matches(
                 features[i], features[j], matches, prior.intrinsics[i], prior.intrinsics[j], prior_pose, config
             )
             inliers, method, tolerance = matches[geometry.inliers], "prior", geometry.tolerance
-            lowest, _ = tolerance_bounds(features[i], features[j], config)
-            if config.refine_iterations > 0 and geometry.tolerance > config.max_tolerance_factor * lowest:
+            unconverged = geometry.tolerance > config.max_tolerance_factor * geometry.lowest_tolerance
+            if config.refine_iterations > 0 and unconverged:
                 inliers = inliers[:0]
             if len(matches) >= config.min_inliers and len(inliers) < config.fallback_ratio * len(matches):
                 ransac = ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config, prior_pose)

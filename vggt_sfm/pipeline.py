@@ -299,9 +299,7 @@ def _reconstruct_from_prior(
         matches_key,
         lambda: matching_stage.match_pairs(features, pairs, config.matching, progress=progress, prior=prior),
     )
-    verify_key = stage_key(
-        "verification", matches_key, prior.cam_from_world.tolist(), prior.intrinsics.tolist(), config.matching
-    )
+    verify_key = stage_key("verification", matches_key, config.matching)  # matches_key holds the prior
     verified = cached(
         "verification", verify_key, lambda: matching_stage.verify_matches(features, raw, prior, config.matching)
     )

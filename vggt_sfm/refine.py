@@ -131,7 +131,7 @@ def refine_reconstruction(
     report = RefineReport()
     rec = reconstruction
     constant = {int(i) for i in constant_images if rec.exists_image(int(i))}
-    reference_poses = {i: rec.images[i].cam_from_world().matrix() for i in rec.reg_image_ids()} if constant else None
+    initial_poses = {i: rec.images[i].cam_from_world().matrix() for i in rec.reg_image_ids()}
     if rec.num_points3D() == 0 or set(rec.reg_image_ids()) <= constant:
         logger.warning(
             "nothing to adjust: %d points, %d of %d images held",
@@ -151,8 +151,7 @@ def refine_reconstruction(
         position_priors = _position_priors(rec, config.position_prior_std)
         guard = _Guard(
             initial_focal={camera_id: camera.mean_focal_length() for camera_id, camera in rec.cameras.items()},
-            initial_rotations={i: rec.images[i].cam_from_world().rotation.matrix() for i in rec.reg_image_ids()},
-            initial_poses={i: rec.images[i].cam_from_world().matrix() for i in rec.reg_image_ids()},
+            initial_poses=initial_poses,
         )
         fov = min(_diagonal_fov_deg(camera) for camera in rec.cameras.values())
         refine = {
@@ -222,8 +221,8 @@ def refine_reconstruction(
         report.refined_intrinsics = [name for name, on in refine.items() if on]
         rec.update_point_3d_errors()
 
-    if reference_poses:
-        _align_to_reference(rec, reference_poses, constant)
+    if constant:
+        _align_to_reference(rec, initial_poses, constant)
     return _finish(report, rec, constant, start)
 
 
@@ -301,8 +300,7 @@ class _Guard:
     """What a bundle adjustment is checked against: the state refinement started from."""
 
     initial_focal: dict[int, float]  # camera id -> mean focal length
-    initial_rotations: dict[int, np.ndarray]  # image id -> (3,3) cam_from_world rotation
-    initial_poses: dict[int, np.ndarray] = field(default_factory=dict)  # image id -> (3,4) cam_from_world
+    initial_poses: dict[int, np.ndarray]  # image id -> (3,4) cam_from_world
 
 
 def _guarded_bundle_adjust(
@@ -328,7 +326,7 @@ def _guarded_bundle_adjust(
             result.num_residuals = int(summary.num_residuals)
             result.termination = str(summary.termination_type).split(".")[-1]
             _align_components(rec, guard.initial_poses, constant | held, config.min_shared_points)
-        change = _rotation_change_deg(rec, guard.initial_rotations)
+        change = _rotation_change_deg(rec, guard.initial_poses)
         if change > config.max_rotation_change_deg:
             _restore(rec, before)
             result.diverged = True
@@ -368,12 +366,12 @@ def _position_priors(rec: pycolmap.Reconstruction, std: float) -> list[pycolmap.
     return priors
 
 
-def _rotation_change_deg(rec: pycolmap.Reconstruction, initial: dict[int, np.ndarray]) -> float:
+def _rotation_change_deg(rec: pycolmap.Reconstruction, initial_poses: dict[int, np.ndarray]) -> float:
     """Median over image pairs of the change of their relative rotation (independent of the world frame)."""
-    ids = [i for i in initial if rec.exists_image(i) and rec.images[i].has_pose]
+    ids = [i for i in initial_poses if rec.exists_image(i) and rec.images[i].has_pose]
     if len(ids) < 2:
         return 0.0
-    before = np.array([initial[i] for i in ids])
+    before = np.array([initial_poses[i][:, :3] for i in ids])
     after = np.array([rec.images[i].cam_from_world().rotation.matrix() for i in ids])
     # With A_i = R0_i^T R1_i, the change of the pair (i, j) is the angle of A_i A_j^T.
     A = np.einsum("nba,nbc->nac", before, after)

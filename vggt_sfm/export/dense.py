@@ -120,7 +120,7 @@ def auto_voxel_size(xyz: np.ndarray, max_points: int) -> float:
     return size
 
 
-def image_observations(reconstruction: pycolmap.Reconstruction, image: pycolmap.Image) -> tuple[np.ndarray, np.ndarray]:
+def _observations(reconstruction: pycolmap.Reconstruction, image: pycolmap.Image) -> tuple[np.ndarray, np.ndarray]:
     """(n,2) pixels and (n,3) world points of the image's observations of 3D points."""
     xy, xyz = [], []
     for point2D in image.points2D:
@@ -135,7 +135,7 @@ def _fit_image(
     config: DenseConfig,
 ) -> DepthFit | str:
     """The image's depth fit against the sparse points it observes, or why there is none."""
-    xy, xyz = image_observations(reconstruction, image)
+    xy, xyz = _observations(reconstruction, image)
     if len(xy) < config.min_fit_points:
         return f"only {len(xy)} sparse observations to fit the depth scale"
     predicted, confidence = predictions.sample_depth(frame, xy)
