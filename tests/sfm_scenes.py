@@ -25,7 +25,7 @@ from PIL import Image
 
 from vggt_sfm.evaluation.metrics import read_ground_truth
 from vggt_sfm.evaluation.simulate import simulate_prior
-from vggt_sfm.features import Features
+from vggt_sfm.features import Features, keypoint_colors
 from vggt_sfm.matching import VerifiedMatches, fundamental_from_cameras, mutual_nn_ratio, sampson_distances
 from vggt_sfm.prior import PriorCameras, prior_from_predictions
 from vggt_sfm.tracks import Tracks, build_tracks
@@ -91,7 +91,14 @@ def load_scene(
         image.save(images_dir / name, quality=95)
         keypoints, descriptors = _sift(np.asarray(image.convert("L")), max_features)
         features.append(
-            Features(keypoints, descriptors, np.ones(len(keypoints), np.float32), (int(width), int(height)), "sift")
+            Features(
+                keypoints,
+                descriptors,
+                np.ones(len(keypoints), np.float32),
+                (int(width), int(height)),
+                "sift",
+                colors=keypoint_colors(np.asarray(image), keypoints),
+            )
         )
 
     pairs, matches, num_raw = [], [], []

@@ -62,8 +62,12 @@ def test_listing_and_corrupt_images(tmp_path: Path):
         Image.fromarray(_gradient(16, 12)).save(tmp_path / name)
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    # A real photo cut short near its end: the scan decodes JPEGs at reduced scale, which must still see it.
+    photo = (Path(__file__).parent.parent / "data" / "fountain" / "images").glob("*.jpg")
+    data = next(iter(sorted(photo))).read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: int(0.95 * len(data))])
     names = list_images(tmp_path)
-    assert names == ["a.png", "b.jpg", "broken.jpg", "sub/c.JPG"]
+    assert names == ["a.png", "b.jpg", "broken.jpg", "cut.jpg", "sub/c.JPG"]
     with pytest.raises(UserError, match="broken.jpg"):
         read_image(tmp_path / "broken.jpg")
     records: list[logging.LogRecord] = []
@@ -77,5 +81,6 @@ def test_listing_and_corrupt_images(tmp_path: Path):
         logger.removeHandler(handler)
     assert [i.name for i in infos] == ["a.png", "b.jpg", "sub/c.JPG"]
     assert any("broken.jpg" in r.getMessage() for r in records)
+    assert any("cut.jpg" in r.getMessage() for r in records)
     with pytest.raises(UserError, match="at least 5"):
         scan_images(tmp_path, min_images=5)

@@ -1,6 +1,8 @@
 """The initial model on real images (Strecha fountain, SIFT, simulated VGGT-level prior): cameras, points,
 colours, re-localisation of a 20-degree-off frame, frames without matches, points from predicted depth."""
 
+import dataclasses
+
 import numpy as np
 import pycolmap
 import pytest
@@ -21,7 +23,7 @@ def _pair_errors_with(result, frame: int) -> np.ndarray:
 
 def test_initial_model_from_a_noisy_prior(scene, tracks):
     prior = simulated_prior(scene)
-    rec, report = initialize_reconstruction(prior, scene.features, tracks, None, scene.images_dir)
+    rec, report = initialize_reconstruction(prior, scene.features, tracks, None)
 
     assert rec.is_valid()
     assert sorted(rec.reg_image_ids()) == list(range(1, prior.num_images + 1))
@@ -69,7 +71,7 @@ def test_a_frame_twenty_degrees_off_is_relocalized(scene, tracks):
     before = evaluate(prior, scene.gt)
     assert np.median(_pair_errors_with(before, bad)) > 15.0
 
-    rec, report = initialize_reconstruction(prior, scene.features, tracks, None, scene.images_dir)
+    rec, report = initialize_reconstruction(prior, scene.features, tracks, None)
     assert report.relocalized == [prior.image_names[bad]]
     assert report.not_refined == []
     # The evidence: its matches contradict the prior far more than the other frames' do.
@@ -87,13 +89,14 @@ def test_a_frame_without_matches_keeps_its_prior_and_is_flagged(scene):
     verified = without_image(scene.verified, lonely)
     tracks = build_tracks(verified, [len(f.keypoints) for f in scene.features])
     prior = simulated_prior(scene)
-    rec, report = initialize_reconstruction(prior, scene.features, tracks, None, None)
+    colorless = [dataclasses.replace(f, colors=None) for f in scene.features]
+    rec, report = initialize_reconstruction(prior, colorless, tracks, None)
     assert report.not_refined == [prior.image_names[lonely]]
     image = rec.images[lonely + 1]
     assert image.has_pose and image.num_points3D == 0
     assert np.allclose(image.cam_from_world().matrix(), prior.cam_from_world[lonely])
     assert report.num_points > 1000
-    # Without images, points are grey.
+    # Without keypoint colours, points are grey.
     assert all((p.color == 128).all() for p in list(rec.points3D.values())[:50])
 
 
@@ -101,7 +104,7 @@ def test_camera_models_and_per_image_cameras(scene, tracks):
     prior = simulated_prior(scene)
     for model, num_params in [("PINHOLE", 4), ("OPENCV", 8), ("SIMPLE_PINHOLE", 3)]:
         config = MappingConfig(camera_model=model, shared_camera=False, extract_colors=False, relocalize=False)
-        rec, _ = initialize_reconstruction(prior, scene.features, tracks, None, None, config)
+        rec, _ = initialize_reconstruction(prior, scene.features, tracks, None, config)
         assert rec.num_cameras() == prior.num_images
         for i in range(prior.num_images):
             camera = rec.cameras[rec.images[i + 1].camera_id]
@@ -111,9 +114,9 @@ def test_camera_models_and_per_image_cameras(scene, tracks):
             assert camera.principal_point_x == pytest.approx(K[0, 2])
             assert camera.mean_focal_length() == pytest.approx(0.5 * (K[0, 0] + K[1, 1]))
     with pytest.raises(UserError, match="FISHEYE"):
-        initialize_reconstruction(prior, scene.features, tracks, None, None, MappingConfig(camera_model="FISHEYE"))
+        initialize_reconstruction(prior, scene.features, tracks, None, MappingConfig(camera_model="FISHEYE"))
     with pytest.raises(UserError, match="depth"):
-        initialize_reconstruction(prior, scene.features, tracks, None, None, MappingConfig(use_depth=True))
+        initialize_reconstruction(prior, scene.features, tracks, None, MappingConfig(use_depth=True))
 
 
 def _depth_predictions(scene, tracks, confidence: float, grid_scale: float = 0.25) -> Predictions:
@@ -123,7 +126,7 @@ def _depth_predictions(scene, tracks, confidence: float, grid_scale: float = 0.2
     from scipy.interpolate import NearestNDInterpolator
 
     gt = scene.gt
-    rec, _ = initialize_reconstruction(gt, scene.features, tracks, None, None, MappingConfig(relocalize=False))
+    rec, _ = initialize_reconstruction(gt, scene.features, tracks, None, MappingConfig(relocalize=False))
     width, height = gt.image_sizes[0]
     grid_w, grid_h = int(np.ceil(width * grid_scale)), int(np.ceil(height * grid_scale))
     # Pixel edges scale: x_grid + 0.5 = s (x_image + 0.5), both with integer pixel centres.
@@ -155,10 +158,10 @@ def _depth_predictions(scene, tracks, confidence: float, grid_scale: float = 0.2
 
 def test_points_from_predicted_depth(scene, tracks):
     gt = scene.gt
-    dlt, _ = initialize_reconstruction(gt, scene.features, tracks, None, None, MappingConfig(relocalize=False))
+    dlt, _ = initialize_reconstruction(gt, scene.features, tracks, None, MappingConfig(relocalize=False))
     config = MappingConfig(use_depth=True, relocalize=False, extract_colors=False)
     confident = _depth_predictions(scene, tracks, confidence=3.0)
-    rec, report = initialize_reconstruction(gt, scene.features, tracks, confident, None, config)
+    rec, report = initialize_reconstruction(gt, scene.features, tracks, confident, config)
     assert report.num_points > 0.8 * dlt.num_points3D()
     # Depth points sit where the triangulated ones are, to the accuracy of the depth map, not exactly.
     def key(point):
@@ -175,7 +178,7 @@ def test_points_from_predicted_depth(scene, tracks):
 
     # Depth below the confidence threshold is not used: the points are the triangulated ones.
     unsure = _depth_predictions(scene, tracks, confidence=1.0)
-    fallback, _ = initialize_reconstruction(gt, scene.features, tracks, unsure, None, config)
+    fallback, _ = initialize_reconstruction(gt, scene.features, tracks, unsure, config)
     assert fallback.num_points3D() == dlt.num_points3D()
     a = np.array(sorted(tuple(p.xyz) for p in fallback.points3D.values()))
     b = np.array(sorted(tuple(p.xyz) for p in dlt.points3D.values()))

@@ -14,7 +14,7 @@ from vggt_sfm.tracks import build_tracks
 def test_refinement_is_far_more_accurate_than_the_prior(scene, tracks, tmp_path):
     prior = simulated_prior(scene)
     before = evaluate(prior, scene.gt)
-    rec, _ = initialize_reconstruction(prior, scene.features, tracks, None, scene.images_dir)
+    rec, _ = initialize_reconstruction(prior, scene.features, tracks, None)
     report = refine_reconstruction(rec, RefineConfig(), verified=scene.verified, features=scene.features)
 
     after = evaluate(rec, scene.gt)
@@ -55,7 +55,7 @@ def test_refinement_is_far_more_accurate_than_the_prior(scene, tracks, tmp_path)
 
 def test_implausible_or_unobservable_intrinsics_are_held(scene, tracks):
     prior = simulated_prior(scene)
-    rec, _ = initialize_reconstruction(prior, scene.features, tracks, None, None)
+    rec, _ = initialize_reconstruction(prior, scene.features, tracks, None)
     initial = rec.cameras[1].params.copy()
     # Any principal-point offset counts as implausible here, and the view counts as too narrow for distortion.
     config = RefineConfig(max_principal_point_offset=0.0, min_fov_extra_params_deg=90.0)
@@ -69,7 +69,7 @@ def test_implausible_or_unobservable_intrinsics_are_held(scene, tracks):
 
 def test_a_diverging_adjustment_is_undone(scene, tracks, caplog):
     prior = simulated_prior(scene)
-    rec, _ = initialize_reconstruction(prior, scene.features, tracks, None, None)
+    rec, _ = initialize_reconstruction(prior, scene.features, tracks, None)
     poses = {i: image.cam_from_world().matrix() for i, image in rec.images.items()}
     points = {i: p.xyz.copy() for i, p in rec.points3D.items()}
     # Any change of the relative rotations counts as divergence here: the first adjustment is undone.
@@ -83,7 +83,7 @@ def test_a_diverging_adjustment_is_undone(scene, tracks, caplog):
 def test_a_relocalized_frame_ends_as_accurate_as_the_others(scene, tracks):
     bad = 2
     prior = simulated_prior(scene, seed=2, outliers=[bad])
-    rec, mapping = initialize_reconstruction(prior, scene.features, tracks, None, None)
+    rec, mapping = initialize_reconstruction(prior, scene.features, tracks, None)
     assert mapping.relocalized == [prior.image_names[bad]]
     refine_reconstruction(rec, RefineConfig(), verified=scene.verified)
     result = evaluate(rec, scene.gt)
@@ -98,7 +98,7 @@ def test_constant_images_keep_their_pose(scene):
     verified = without_image(scene.verified, lonely)
     tracks = build_tracks(verified, [len(f.keypoints) for f in scene.features])
     prior = simulated_prior(scene)
-    rec, mapping = initialize_reconstruction(prior, scene.features, tracks, None, None)
+    rec, mapping = initialize_reconstruction(prior, scene.features, tracks, None)
     assert mapping.not_refined == [prior.image_names[lonely]]
     report = refine_reconstruction(rec, RefineConfig(), verified=verified, constant_images=[lonely + 1])
     assert report.constant_images == [prior.image_names[lonely]]
@@ -122,7 +122,7 @@ def test_retriangulation_restores_points_from_the_matches(scene, tracks):
     keep = tracks.track_id % 3 == 0
     partial = tracks.select(keep)
     config = MappingConfig(extract_colors=False)
-    rec, mapping = initialize_reconstruction(prior, scene.features, partial, None, None, config)
+    rec, mapping = initialize_reconstruction(prior, scene.features, partial, None, config)
     report = refine_reconstruction(rec, RefineConfig(), verified=scene.verified)
     assert sum(r.added for r in report.history) > mapping.num_observations
     # COLMAP's triangulator leaves two-view correspondences alone; every longer track comes back.
@@ -131,10 +131,10 @@ def test_retriangulation_restores_points_from_the_matches(scene, tracks):
     assert np.median(evaluate(rec, scene.gt).pair_rotation_errors) < 0.2
 
     # The tracks alone serve too; without any correspondences nothing is added.
-    rec_tracks, _ = initialize_reconstruction(prior, scene.features, partial, None, None, config)
+    rec_tracks, _ = initialize_reconstruction(prior, scene.features, partial, None, config)
     from_tracks = refine_reconstruction(rec_tracks, RefineConfig(max_iterations=30), tracks=tracks)
     assert from_tracks.num_points > max(0.9 * long_tracks, 2 * mapping.num_points)
-    rec_alone, _ = initialize_reconstruction(prior, scene.features, partial, None, None, config)
+    rec_alone, _ = initialize_reconstruction(prior, scene.features, partial, None, config)
     alone = refine_reconstruction(rec_alone, RefineConfig(max_iterations=30))
     assert all(r.added == 0 for r in alone.history)
     assert alone.num_points <= partial.num_tracks
@@ -152,7 +152,7 @@ def test_groups_the_matches_do_not_connect_are_placed_by_the_prior(scene):
     )  # fmt: skip
     split_tracks = build_tracks(verified, [len(f.keypoints) for f in scene.features])
     prior = simulated_prior(scene)
-    rec, _ = initialize_reconstruction(prior, scene.features, split_tracks, None, None)
+    rec, _ = initialize_reconstruction(prior, scene.features, split_tracks, None)
     refine_reconstruction(rec, RefineConfig(), verified=verified)
 
     result, before = evaluate(rec, scene.gt), evaluate(prior, scene.gt)

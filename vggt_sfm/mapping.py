@@ -11,14 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pycolmap
 
 from .errors import UserError
-from .images import read_image
 from .prior import PriorCameras
 from .tracks import Tracks
 
@@ -78,14 +76,14 @@ def initialize_reconstruction(
     features: list[Features],
     tracks: Tracks,
     predictions: Predictions | None = None,
-    images_dir: Path | str | None = None,
     config: MappingConfig | None = None,
 ) -> tuple[pycolmap.Reconstruction, MappingReport]:
     """Build the initial reconstruction from the prior cameras and the tracks.
 
-    Image ids are frame index + 1; camera ids are 1 (shared) or frame index + 1. Colours come from the images
-    in `images_dir` (grey without it). Frames whose prior pose disagrees with their matches are re-localised;
-    frames left with too few observations keep the prior pose and are listed in `report.not_refined`.
+    Image ids are frame index + 1; camera ids are 1 (shared) or frame index + 1. Point colours come from the
+    keypoint colours of `features` (grey without them). Frames whose prior pose disagrees with their matches are
+    re-localised; frames left with too few observations keep the prior pose and are listed in
+    `report.not_refined`.
     """
     start = time.perf_counter()
     config = config or MappingConfig()
@@ -134,8 +132,9 @@ def initialize_reconstruction(
     not_refined |= weak
     report.not_refined = [prior.image_names[i] for i in sorted(not_refined)]
 
-    colors = _track_colors(obs, keypoints, prior.image_names, images_dir) if config.extract_colors else None
-    rec = _build_reconstruction(prior, cameras, keypoints, poses, points, obs, colors)
+    rec = _build_reconstruction(prior, cameras, keypoints, poses, points, obs)
+    if config.extract_colors:
+        color_points(rec, features)
     rec.update_point_3d_errors()
     report.num_points = rec.num_points3D()
     report.num_observations = obs.num
@@ -600,24 +599,16 @@ def _triangulate(
     return points, obs
 
 
-def _track_colors(
-    obs: _Observations, keypoints: list[np.ndarray], names: list[str], images_dir: Path | str | None
-) -> np.ndarray | None:
-    """(num_tracks,3) uint8 mean colour of each track's observed pixels, or None without images."""
-    if images_dir is None or obs.num == 0:
-        return None
-    samples = np.zeros((obs.num, 3))
-    for i in np.unique(obs.image):
-        image = read_image(Path(images_dir) / names[i])
-        height, width = image.shape[:2]
-        mask = obs.image == i
-        # COLMAP convention: pixel (c, r) covers [c, c+1) x [r, r+1).
-        col = np.clip(np.floor(obs.xy[mask, 0]).astype(int), 0, width - 1)
-        row = np.clip(np.floor(obs.xy[mask, 1]).astype(int), 0, height - 1)
-        samples[mask] = image[row, col]
-        del image
-    sums = np.add.reduceat(samples, obs.tracks.offsets()[:-1], axis=0)
-    return np.clip(np.round(sums / obs.tracks.lengths()[:, None]), 0, 255).astype(np.uint8)
+def color_points(reconstruction: pycolmap.Reconstruction, features: list[Features]) -> None:
+    """Colour every 3D point with the mean RGB of its observed keypoints (image id = frame index + 1); grey
+    where the features carry no colours."""
+    colors = [f.colors for f in features]
+    grey = np.array([128, 128, 128], dtype=np.uint8)
+    for point in reconstruction.points3D.values():
+        samples = [
+            colors[e.image_id - 1][e.point2D_idx] for e in point.track.elements if colors[e.image_id - 1] is not None
+        ]
+        point.color = np.round(np.mean(samples, axis=0)).astype(np.uint8) if samples else grey
 
 
 def _build_reconstruction(
@@ -627,7 +618,6 @@ def _build_reconstruction(
     poses: np.ndarray,
     points: np.ndarray,
     obs: _Observations,
-    colors: np.ndarray | None,
 ) -> pycolmap.Reconstruction:
     rec = pycolmap.Reconstruction()
     for camera in {c.camera_id: c for c in cameras}.values():
@@ -641,5 +631,5 @@ def _build_reconstruction(
     grey = np.array([128, 128, 128], dtype=np.uint8)
     for t in range(obs.tracks.num_tracks):
         elements = [pycolmap.TrackElement(image_ids[o], point2D_ids[o]) for o in range(offsets[t], offsets[t + 1])]
-        rec.add_point3D(points[t], pycolmap.Track(elements), grey if colors is None else colors[t])
+        rec.add_point3D(points[t], pycolmap.Track(elements), grey)
     return rec

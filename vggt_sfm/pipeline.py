@@ -307,7 +307,7 @@ def _reconstruct_from_prior(
         tracks = tracks_stage.build_tracks(verified, [len(f.keypoints) for f in features], config.tracks)
     with timer.stage("initialization"), quiet_pycolmap():
         reconstruction, mapping_report = mapping_stage.initialize_reconstruction(
-            prior, features, tracks, predictions, images_dir, config.mapping
+            prior, features, tracks, predictions, config.mapping
         )
     refine_report = None
     if config.refine.enabled:
@@ -320,6 +320,8 @@ def _reconstruct_from_prior(
                 verified=verified,
                 constant_images=_image_ids(names, mapping_report.not_refined),
             )
+            if config.mapping.extract_colors:
+                mapping_stage.color_points(reconstruction, features)  # points made by re-triangulation
     numbers = reconstruction_summary_numbers(reconstruction)
     summary = ReconstructionSummary(
         num_images=len(names),

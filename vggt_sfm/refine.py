@@ -70,8 +70,9 @@ class RefineConfig:
     min_shared_points: int = 15  # images sharing fewer 3D points are not connected (placed by the prior per group)
     max_iterations: int = 100  # per BA (Ceres)
     # Ceres stops when an iteration lowers the cost by less than this fraction. COLMAP sets 0 (run to the
-    # iteration limit); the rounds after the first start near the optimum, where the last iterations gain nothing.
-    function_tolerance: float = 0.0
+    # iteration limit); the rounds after the first start near the optimum, where the last iterations gain nothing:
+    # 1e-6 halves BA time with the same pose accuracy on the five benchmark sets (benchmarks/README.md).
+    function_tolerance: float = 1e-6
     # The camera centres refinement starts from (the prediction's) are kept as soft position priors, with this
     # standard deviation (fraction of the scene extent): they fix the gauge without holding any camera exactly,
     # and they hold parts of a weakly connected scene where the matches alone leave them free. 0: no priors,
