@@ -11,8 +11,6 @@ pixel centre at (0.5, 0.5)), whatever resolution the detector ran at.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 from .errors import UserError
 from .images import read_image
 from . import log
+from .parallel import default_workers, fork_map
 
 logger = logging.getLogger(__name__)
 
@@ -225,21 +224,6 @@ def extract_image(image: np.ndarray, config: FeatureConfig, extractor=None) -> F
     )
 
 
-def _extract_file(job: tuple[Path, FeatureConfig]) -> Features:
-    """Features of one image file (the unit of work of the SIFT worker processes)."""
-    path, config = job
-    return extract_image(read_image(path), config)
-
-
-def _sift_workers(config: FeatureConfig, num_images: int) -> int:
-    if config.extractor != "sift":
-        return 1  # torch already spreads one image over the cores
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return 1
-    cores = config.num_workers or torch.get_num_threads()
-    return max(1, min(cores, num_images))
-
-
 def extract_features(
     images_dir: Path | str, image_names: list[str], config: FeatureConfig, progress: bool = True
 ) -> list[Features]:
@@ -250,21 +234,13 @@ def extract_features(
     """
     images_dir = Path(images_dir)
     extractor = _make_extractor(config)  # checks the configuration before any work
-    workers = _sift_workers(config, len(image_names))
-    if workers <= 1:
-        features = [
-            extract_image(read_image(images_dir / name), config, extractor)
-            for name in log.progress(image_names, desc="features", total=len(image_names), enabled=progress)
-        ]
-    else:
-        # COLMAP's SIFT holds the GIL, so threads would run one at a time: one process per core instead, as
-        # COLMAP runs one image per core. Forked workers start at once; they use pycolmap, OpenCV, PIL and
-        # numpy, never torch.
-        context = multiprocessing.get_context("fork")
-        jobs = [(images_dir / name, config) for name in image_names]
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = pool.map(_extract_file, jobs)
-            features = list(log.progress(results, desc="features", total=len(jobs), enabled=progress))
+    # COLMAP's SIFT holds the GIL, so threads would run one at a time: one process per core instead, as COLMAP
+    # runs one image per core. The learned extractors run in torch, which already spreads one image over the cores.
+    workers = default_workers(config.num_workers) if config.extractor == "sift" else 1
+    results = fork_map(
+        lambda name: extract_image(read_image(images_dir / name), config, extractor), image_names, workers
+    )
+    features = list(log.progress(results, desc="features", total=len(image_names), enabled=progress))
     logger.info(
         "%s: %d images, %.0f keypoints per image on average",
         config.extractor,

@@ -17,6 +17,7 @@ import numpy as np
 import pycolmap
 
 from .errors import UserError
+from .observations import observation_table
 from .prior import PriorCameras
 from .tracks import Tracks
 
@@ -602,13 +603,24 @@ def _triangulate(
 def color_points(reconstruction: pycolmap.Reconstruction, features: list[Features]) -> None:
     """Colour every 3D point with the mean RGB of its observed keypoints (image id = frame index + 1); grey
     where the features carry no colours."""
-    colors = [f.colors for f in features]
-    grey = np.array([128, 128, 128], dtype=np.uint8)
-    for point in reconstruction.points3D.values():
-        samples = [
-            colors[e.image_id - 1][e.point2D_idx] for e in point.track.elements if colors[e.image_id - 1] is not None
-        ]
-        point.color = np.round(np.mean(samples, axis=0)).astype(np.uint8) if samples else grey
+    table = observation_table(reconstruction)
+    point_ids, row = table.points()
+    sums = np.zeros((len(point_ids), 3))
+    counts = np.zeros(len(point_ids))
+    for image_id in np.unique(table.image_id):
+        colors = features[image_id - 1].colors
+        if colors is None:
+            continue
+        mask = table.image_id == image_id
+        np.add.at(sums, row[mask], colors[table.point2D_idx[mask]])
+        np.add.at(counts, row[mask], 1.0)
+    mean = np.full((len(point_ids), 3), 128.0)
+    seen = counts > 0
+    mean[seen] = np.round(sums[seen] / counts[seen, None])
+    mean = mean.astype(np.uint8)
+    index = dict(zip(point_ids.tolist(), range(len(point_ids))))
+    for point_id, point in reconstruction.points3D.items():
+        point.color = mean[index[point_id]]
 
 
 def _build_reconstruction(

@@ -29,6 +29,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from . import log
+from .parallel import default_workers, fork_map
 from .errors import UserError
 from .prior import PriorCameras
 
@@ -83,6 +84,7 @@ class MatchingConfig:
     max_ransac_rotation_deg: float = 30.0
     ransac_threshold_px: float = 4.0  # COLMAP's max_error, in original pixels
     min_inliers: int = 15
+    num_workers: int = 0  # verification: processes (0: as many as torch's threads)
     device: str = "cpu"
 
 
@@ -630,32 +632,36 @@ def verify_matches(
         pinhole_camera(prior, index) if prior is not None else _default_camera(f, index)
         for index, f in enumerate(features)
     ]
-    kept_pairs, kept_matches, methods, num_raw, tolerances = [], [], [], [], []
-    items = zip(raw.pairs, raw.matches)
-    for (i, j), matches in log.progress(items, desc="verification", total=len(raw.pairs), enabled=progress):
-        i, j = int(i), int(j)
-        matches = np.asarray(matches, dtype=np.int64).reshape(-1, 2)
-        tolerance = np.nan
+
+    def verify_pair(index: int) -> tuple[np.ndarray, str, float]:
+        i, j = (int(v) for v in raw.pairs[index])
+        matches = np.asarray(raw.matches[index], dtype=np.int64).reshape(-1, 2)
         if config.verification == "none":
-            inliers, method = matches, "none"
-        elif config.verification == "ransac":
-            inliers = ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config)
-            method = "ransac"
-        else:
-            prior_pose = relative_pose(prior, i, j)
-            geometry = fit_prior_geometry(
-                features[i], features[j], matches, prior.intrinsics[i], prior.intrinsics[j], prior_pose, config
-            )
-            inliers, method, tolerance = matches[geometry.inliers], "prior", geometry.tolerance
-            unconverged = geometry.tolerance > config.max_tolerance_factor * geometry.lowest_tolerance
-            if config.refine_iterations > 0 and unconverged:
-                inliers = inliers[:0]
-            if len(matches) >= config.min_inliers and len(inliers) < config.fallback_ratio * len(matches):
-                ransac = ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config, prior_pose)
-                if len(ransac) >= config.min_inliers and len(ransac) >= config.fallback_gain * len(inliers):
-                    inliers, method, tolerance = ransac, "ransac", config.ransac_threshold_px
+            return matches, "none", np.nan
+        if config.verification == "ransac":
+            return ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config), "ransac", np.nan
+        prior_pose = relative_pose(prior, i, j)
+        geometry = fit_prior_geometry(
+            features[i], features[j], matches, prior.intrinsics[i], prior.intrinsics[j], prior_pose, config
+        )
+        inliers, method, tolerance = matches[geometry.inliers], "prior", geometry.tolerance
+        unconverged = geometry.tolerance > config.max_tolerance_factor * geometry.lowest_tolerance
+        if config.refine_iterations > 0 and unconverged:
+            inliers = inliers[:0]
+        if len(matches) >= config.min_inliers and len(inliers) < config.fallback_ratio * len(matches):
+            ransac = ransac_inliers(features[i], features[j], matches, cameras[i], cameras[j], config, prior_pose)
+            if len(ransac) >= config.min_inliers and len(ransac) >= config.fallback_gain * len(inliers):
+                inliers, method, tolerance = ransac, "ransac", config.ransac_threshold_px
+        return inliers, method, tolerance
+
+    # Per-pair numpy and pycolmap calls hold the GIL: pairs go to forked workers, a few at a time.
+    workers = default_workers(config.num_workers) if config.verification != "none" else 1
+    results = fork_map(verify_pair, range(len(raw.pairs)), workers, chunksize=4)
+    kept_pairs, kept_matches, methods, num_raw, tolerances = [], [], [], [], []
+    progress_bar = log.progress(results, desc="verification", total=len(raw.pairs), enabled=progress)
+    for (i, j), matches, (inliers, method, tolerance) in zip(raw.pairs, raw.matches, progress_bar):
         if len(inliers) >= config.min_inliers:
-            kept_pairs.append((i, j))
+            kept_pairs.append((int(i), int(j)))
             kept_matches.append(inliers)
             methods.append(method)
             num_raw.append(len(matches))

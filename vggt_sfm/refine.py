@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pycolmap
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .log import quiet_pycolmap
+from .observations import observation_table
 
 if TYPE_CHECKING:
     from .features import Features
@@ -69,6 +71,7 @@ class RefineConfig:
     min_image_observations: int = 10  # fewer: the image's pose is held constant in that round
     min_shared_points: int = 15  # images sharing fewer 3D points are not connected (placed by the prior per group)
     max_iterations: int = 100  # per BA (Ceres)
+    min_residuals_for_threads: int = 1000  # Ceres uses all threads from this many residuals (COLMAP: 50000)
     # Ceres stops when an iteration lowers the cost by less than this fraction. COLMAP sets 0 (run to the
     # iteration limit); the rounds after the first start near the optimum, where the last iterations gain nothing:
     # 1e-6 halves BA time with the same pose accuracy on the five benchmark sets (benchmarks/README.md).
@@ -449,6 +452,9 @@ def _bundle_adjust(
     options.ceres.loss_function_scale = robust_scale
     options.ceres.solver_options.max_num_iterations = config.max_iterations
     options.ceres.solver_options.function_tolerance = config.function_tolerance
+    # COLMAP runs Ceres on one thread below 50000 residuals; on the few cores of a laptop the second thread
+    # already pays at a few thousand (lego, 2 cores: 0.7-0.8x the solve time).
+    options.ceres.min_num_residuals_for_cpu_multi_threading = config.min_residuals_for_threads
 
     ba_config = pycolmap.BundleAdjustmentConfig()
     held = set()
@@ -562,19 +568,20 @@ def _align_to_reference(
 
 def _components(rec: pycolmap.Reconstruction, images: set[int], min_shared_points: int) -> list[list[int]]:
     """Groups of `images` connected by at least `min_shared_points` common 3D points, largest first."""
-    index = {image_id: k for k, image_id in enumerate(sorted(images))}
-    shared: dict[tuple[int, int], int] = {}
-    for point in rec.points3D.values():
-        seen = sorted({int(e.image_id) for e in point.track.elements if int(e.image_id) in index})
-        for a in range(len(seen)):
-            for b in range(a + 1, len(seen)):
-                shared[(seen[a], seen[b])] = shared.get((seen[a], seen[b]), 0) + 1
-    edges = [(index[a], index[b]) for (a, b), count in shared.items() if count >= min_shared_points]
-    graph = np.zeros((len(index), len(index)), dtype=bool)
-    for a, b in edges:
-        graph[a, b] = True
-    _, labels = connected_components(graph, directed=False)
     ids = sorted(images)
+    if not ids:
+        return []
+    table = observation_table(rec, ids)
+    _, point_row = table.points()
+    image_column = np.searchsorted(ids, table.image_id)
+    seen = csr_matrix(
+        (np.ones(len(point_row)), (point_row, image_column)), shape=(int(point_row.max(initial=-1)) + 1, len(ids))
+    )
+    seen.sum_duplicates()
+    seen.data[:] = 1.0  # a point counts once per image
+    shared = (seen.T @ seen).toarray()
+    np.fill_diagonal(shared, 0)
+    _, labels = connected_components(shared >= min_shared_points, directed=False)
     groups = [[ids[k] for k in np.flatnonzero(labels == label)] for label in np.unique(labels)]
     return sorted(groups, key=len, reverse=True)
 
@@ -612,9 +619,17 @@ def _align_components(
         rotation = pose[:, :3] @ Q.T
         new_pose = np.concatenate([rotation, (scale * pose[:, 3] - rotation @ translation)[:, None]], axis=1)
         rec.frames[image.frame_id].set_cam_from_world(image.camera_id, pycolmap.Rigid3d(new_pose))
-    for point in rec.points3D.values():
-        owners = [group_of[int(e.image_id)] for e in point.track.elements if int(e.image_id) in group_of]
-        if owners:
-            scale, Q, translation = transforms[max(set(owners), key=owners.count)]
+    # Each point moves with the group that observes it most.
+    table = observation_table(rec, images)
+    point_ids, point_row = table.points()
+    group_lookup = np.zeros(max(group_of) + 1, dtype=np.int64)
+    group_lookup[list(group_of)] = list(group_of.values())
+    group = group_lookup[table.image_id]
+    votes = np.zeros((len(point_ids), len(groups)), dtype=np.int64)
+    np.add.at(votes, (point_row, group), 1)
+    owner = dict(zip(point_ids.tolist(), votes.argmax(axis=1).tolist()))
+    for point_id, point in rec.points3D.items():
+        if point_id in owner:
+            scale, Q, translation = transforms[owner[point_id]]
             point.xyz = scale * (Q @ point.xyz) + translation
     return len(groups)

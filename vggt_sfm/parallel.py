@@ -1,0 +1,47 @@
+"""Work spread over forked processes, for stages whose inner loops hold the GIL (pycolmap's SIFT, per-pair numpy).
+
+Forked workers inherit the parent's memory, so the mapped function may be a closure over large data (features of
+every image): nothing is pickled on the way in but the job itself, and only the result on the way back.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import TypeVar
+
+import torch
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+# Set in each worker by the pool's initializer (inherited through fork, never pickled); unused in the parent.
+_function: Callable | None = None
+
+
+def _install(function: Callable) -> None:
+    global _function
+    _function = function
+
+
+def _call(job):
+    return _function(job)
+
+
+def default_workers(requested: int = 0) -> int:
+    """`requested`, or as many workers as torch uses threads (the cores it was given) when 0."""
+    return requested if requested > 0 else torch.get_num_threads()
+
+
+def fork_map(function: Callable[[J], R], jobs: Iterable[J], workers: int, chunksize: int = 1) -> Iterator[R]:
+    """`function(job)` for every job, in order, in `workers` forked processes; in this process when `workers`
+    <= 1 or where fork is unavailable (Windows, macOS defaults). The workers must not use torch."""
+    jobs = list(jobs)
+    workers = min(workers, len(jobs))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(function, jobs)
+        return
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_install, initargs=(function,)) as pool:
+        yield from pool.map(_call, jobs, chunksize=chunksize)
