@@ -290,16 +290,19 @@ def _reconstruct_from_prior(
     )
     with timer.stage("pairs"):
         pairs = pairs_stage.select_pairs(prior, config.pairs)
-    # Guided matching searches along the prior's epipolar lines, so the prior is part of the key.
-    matches_key = stage_key(
-        "matches", features_key, pairs.tolist(), config.matching, prior.cam_from_world.tolist(), prior.intrinsics.tolist()
-    )
+    # Guided matching searches along the prior's epipolar lines (and its LightGlue fallback picks pairs by the
+    # prior's overlap), so only then is the prior part of the key.
+    matcher = matching_stage.resolve_matcher(config.features.extractor, config.matching.matcher, has_prior=True)
+    prior_used = [prior.cam_from_world.tolist(), prior.intrinsics.tolist()] if matcher == "guided" else None
+    matches_key = stage_key("matches", features_key, pairs.tolist(), config.matching, prior_used)
     raw = cached(
         "matching",
         matches_key,
         lambda: matching_stage.match_pairs(features, pairs, config.matching, progress=progress, prior=prior),
     )
-    verify_key = stage_key("verification", matches_key, config.matching)  # matches_key holds the prior
+    verify_key = stage_key(
+        "verification", matches_key, config.matching, prior.cam_from_world.tolist(), prior.intrinsics.tolist()
+    )
     verified = cached(
         "verification", verify_key, lambda: matching_stage.verify_matches(features, raw, prior, config.matching)
     )
