@@ -354,10 +354,14 @@ def _relocalize(
     failed: set[int] = set()
     checked: set[int] = set()
     changed = True
+    weights = None
     for attempt in range(num_images):
         if changed:  # the evidence only changes with a pose (or the observations)
             epipolar, counts = _epipolar_errors(obs, poses, cameras, num_images)
-            reprojection, weights = _leave_one_out_errors(obs, poses, cameras, num_images)
+            # One frame moved since the last evidence: the other frames' weights hold, one pass updates them.
+            reprojection, weights = _leave_one_out_errors(
+                obs, poses, cameras, num_images, weights, iterations=4 if weights is None else 1
+            )
             changed = False
         if attempt == 0:
             report.prior_epipolar_error_px = {
@@ -416,11 +420,17 @@ def _relocalize(
 
 
 def _leave_one_out_errors(
-    obs: _Observations, poses: np.ndarray, cameras: list[pycolmap.Camera], num_images: int, iterations: int = 4
+    obs: _Observations,
+    poses: np.ndarray,
+    cameras: list[pycolmap.Camera],
+    num_images: int,
+    weights: np.ndarray | None = None,
+    iterations: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per image, the median error (pixels) of its observations against points triangulated without it (NaN
-    without any), and the frame weights used: frames with large errors count less in the others' points."""
-    weights = np.ones(num_images)
+    without any), and the frame weights used: frames with large errors count less in the others' points.
+    `weights` (S,) start the reweighting (all 1 when None)."""
+    weights = np.ones(num_images) if weights is None else weights
     dlt = _DLT.build(obs, poses)
     for _ in range(iterations):
         points = dlt.solve(leave_one_out=True, weights=weights[obs.image])

@@ -7,6 +7,7 @@ every image): nothing is pickled on the way in but the job itself, and only the 
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -36,10 +37,11 @@ def default_workers(requested: int = 0) -> int:
 
 def fork_map(function: Callable[[J], R], jobs: Iterable[J], workers: int, chunksize: int = 1) -> Iterator[R]:
     """`function(job)` for every job, in order, in `workers` forked processes; in this process when `workers`
-    <= 1 or where fork is unavailable (Windows, macOS defaults). The workers must not use torch."""
+    <= 1 or off Linux (Windows has no fork; on macOS, forking a process that has loaded system frameworks is
+    unsafe). The workers must not use torch."""
     jobs = list(jobs)
     workers = min(workers, len(jobs))
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 1 or not sys.platform.startswith("linux"):
         yield from map(function, jobs)
         return
     context = multiprocessing.get_context("fork")
