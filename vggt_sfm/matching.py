@@ -29,8 +29,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from . import log
-from .parallel import default_workers, fork_map
 from .errors import UserError
+from .parallel import default_workers, fork_map
 from .prior import PriorCameras
 
 logger = logging.getLogger(__name__)
