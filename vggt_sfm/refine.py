@@ -612,6 +612,11 @@ def _align_components(
             center = -R.T @ refined[0][:, 3]
             similarity = (1.0, Q, -R_ref.T @ reference_poses[i][:, 3] - Q @ center)
         transforms.append(similarity)
+    if len(groups) == 1 and images == set(rec.reg_image_ids()):
+        # Everything moves together: one similarity of the whole model, in pycolmap.
+        scale, Q, translation = transforms[0]
+        rec.transform(pycolmap.Sim3d(scale, pycolmap.Rotation3d(Q), translation))
+        return 1
     for image_id in images:
         scale, Q, translation = transforms[group_of[image_id]]
         image = rec.images[image_id]
