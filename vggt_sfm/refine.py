@@ -26,7 +26,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .log import quiet_pycolmap
-from .observations import observation_table
+from .observations import ObservationTable, observation_table
 
 if TYPE_CHECKING:
     from .features import Features
@@ -566,12 +566,12 @@ def _align_to_reference(
         rec.frames[image.frame_id].set_cam_from_world(image.camera_id, pose)
 
 
-def _components(rec: pycolmap.Reconstruction, images: set[int], min_shared_points: int) -> list[list[int]]:
-    """Groups of `images` connected by at least `min_shared_points` common 3D points, largest first."""
+def _components(table: ObservationTable, images: set[int], min_shared_points: int) -> list[list[int]]:
+    """Groups of `images` connected by at least `min_shared_points` common 3D points, largest first (`table`:
+    the observations of those images)."""
     ids = sorted(images)
     if not ids:
         return []
-    table = observation_table(rec, ids)
     _, point_row = table.points()
     image_column = np.searchsorted(ids, table.image_id)
     seen = csr_matrix(
@@ -597,7 +597,8 @@ def _align_components(
     per group; with one group, that only fixes the gauge the same way. Returns the number of groups.
     """
     images = {i for i in rec.reg_image_ids() if i not in constant and i in reference_poses}
-    groups = _components(rec, images, min_shared_points)
+    table = observation_table(rec, images)
+    groups = _components(table, images, min_shared_points)
     if not groups:
         return 0
     group_of = {image_id: g for g, group in enumerate(groups) for image_id in group}
@@ -624,8 +625,7 @@ def _align_components(
         rotation = pose[:, :3] @ Q.T
         new_pose = np.concatenate([rotation, (scale * pose[:, 3] - rotation @ translation)[:, None]], axis=1)
         rec.frames[image.frame_id].set_cam_from_world(image.camera_id, pycolmap.Rigid3d(new_pose))
-    # Each point moves with the group that observes it most.
-    table = observation_table(rec, images)
+    # Each point moves with the group that observes it most (the images have not changed their observations).
     point_ids, point_row = table.points()
     group_lookup = np.zeros(max(group_of) + 1, dtype=np.int64)
     group_lookup[list(group_of)] = list(group_of.values())

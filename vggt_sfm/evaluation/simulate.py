@@ -34,6 +34,7 @@ from scipy.spatial.transform import Rotation
 
 from ..errors import UserError
 from ..images import scan_images
+from ..observations import observation_table
 from ..predictions import Predictions, save_predictions, vggt_grid_from_image
 from ..prior import PriorCameras
 from .metrics import ALIGNMENT_INLIER_FRACTION, align_centers, cameras_from_reconstruction, read_ground_truth
@@ -159,19 +160,21 @@ def observed_points(model: pycolmap.Reconstruction | str | Path, truth: PriorCam
     if gt_from_model is None:
         raise UserError("the depth model's cameras cannot be aligned to the ground truth (degenerate camera centres)")
     similarity = gt_from_model.matrix()
-    images = {image.name: image for image in model.images.values() if image.has_pose}
+    image_ids = {image.name: image.image_id for image in model.images.values() if image.has_pose}
+    table = observation_table(model)
+    point_ids, row = table.points()
+    xyz_of_row = np.array([model.points3D[i].xyz for i in point_ids.tolist()], dtype=np.float64).reshape(-1, 3)
     # Points that only two images see include the model's few wrong ones, and each would paint a patch of
     # confident wrong depth around it; three views confirm a point (all points when too few have three).
-    confirmed = {point_id for point_id, point in model.points3D.items() if point.track.length() >= MIN_TRACK_LENGTH}
-    use_all = len(confirmed) < 0.2 * model.num_points3D()
+    confirmed = np.bincount(row, minlength=len(point_ids)) >= MIN_TRACK_LENGTH
+    if confirmed.sum() < 0.2 * model.num_points3D():
+        confirmed[:] = True
     points = []
     for name in truth.image_names:
         xyz = np.zeros((0, 3))
-        if name in images:
-            ids = [p.point3D_id for p in images[name].points2D if p.has_point3D()]
-            xyz = np.array(
-                [model.points3D[i].xyz for i in ids if use_all or i in confirmed], dtype=np.float64
-            ).reshape(-1, 3)
+        if name in image_ids:
+            rows = row[table.image_id == image_ids[name]]
+            xyz = xyz_of_row[rows[confirmed[rows]]]
         points.append(xyz @ similarity[:, :3].T + similarity[:, 3])
     missing = [name for name, xyz in zip(truth.image_names, points) if len(xyz) == 0]
     if missing:
