@@ -104,6 +104,8 @@ def test_bad_preset_and_weights_messages(capsys, scene, tmp_path: Path, monkeypa
     preset.write_text("[matching]\nmin_inlier = 3\n")
     code, err = _run(capsys, "--images", str(scene["images"]), "--output", str(tmp_path / "o"), "--pipeline", str(preset))
     _assert_one_line(code, err, "unknown key 'matching.min_inlier'")
+    code, err = _run(capsys, "--images", str(scene["images"]), "--output", str(tmp_path / "o"), "--window", "1")
+    _assert_one_line(code, err, "predict.window must be 0 (one pass) or at least 2 frames")
 
 
 def test_real_entry_point_exits_cleanly(tmp_path: Path):

@@ -157,17 +157,19 @@ def test_bad_options(tmp_path, model):
 
 
 def test_refuses_frames_that_do_not_fit(tmp_path, model, monkeypatch):
-    _temple(tmp_path / "im", 3)
+    _temple(tmp_path / "im", 4)
     with pytest.raises(UserError, match="at most 2 frames"):
         predict(tmp_path / "im", model=model, max_frames=2)
-    # Free memory for exactly two frames of VGGT-1B (weights included): three are refused, naming how many fit.
+    # Free memory for exactly two frames of VGGT-1B (weights included): four are refused, naming how many fit.
     import vggt_sfm.predict as predict_module
 
     estimate = estimate_memory(VGGTConfig(), (518, 392), ("camera", "depth"), torch.device("cpu"))
     room = estimate.needed(2) + estimate.per_frame // 2
     monkeypatch.setattr(predict_module, "available_memory", lambda device: int(room / predict_module.USABLE_FRACTION) + 1)
-    with pytest.raises(UserError, match=r"3 frames need about .* GB .* about 2 frames fit"):
+    with pytest.raises(UserError, match=r"4 frames need about .* GB .* about 2 frames fit.* \(--window 2\)"):
         predict(tmp_path / "im", weights=tmp_path / "never-read.pt")
+    with pytest.raises(UserError, match=r"a window of 3 frames needs about .* GB .*smaller --window \(at most 2\)"):
+        predict(tmp_path / "im", weights=tmp_path / "never-read.pt", window=3, window_overlap=1)
 
 
 def test_max_frames_is_the_most_that_fits():
@@ -194,3 +196,40 @@ def test_weights_problems_reach_the_user(tmp_path, monkeypatch):
     # The tiny checkpoint is not VGGT-1B: the loader names tensors it lacks.
     with pytest.raises(UserError, match=r"tiny_conv_strong_s1.pt lacks \d+ of VGGT's \d+ tensors, e.g. aggregator\."):
         predict(tmp_path / "im", weights=FIXTURES / "tiny_conv_strong_s1.pt", max_frames=10)
+
+
+def test_windows_chain_the_model_outputs(model, tmp_path):
+    """Five real photos in windows of three sharing one frame: the first window is a plain pass over its frames,
+    the second is the pass over its own frames carried by one similarity (depth scaled by its scale)."""
+    names = _temple(tmp_path / "im", 5)
+    kwargs = dict(device="cpu", model=model, progress=False)
+    windowed = predict(tmp_path / "im", window=3, window_overlap=1, **kwargs)
+    assert windowed.image_names == names and windowed.depth.shape[0] == 5
+    for window, new in ((names[:3], names[:3]), (names[2:], names[3:])):  # a shared frame keeps the first prediction
+        folder = tmp_path / f"only_{window[0]}"
+        _temple(folder, 5)
+        for name in set(names) - set(window):
+            (folder / name).unlink()
+        alone = predict(folder, **kwargs).subset(new)
+        part = windowed.subset(new)
+        ratio = part.depth / alone.depth
+        assert np.ptp(ratio) < 1e-4 * ratio.mean()  # one scale for the whole window
+        if window[0] == names[0]:
+            np.testing.assert_array_equal(part.cam_from_world, alone.cam_from_world)
+            np.testing.assert_array_equal(part.depth, alone.depth)
+        np.testing.assert_array_equal(part.intrinsics, alone.intrinsics)  # pixels: untouched by the similarity
+        relative = part.cam_from_world[:, :, :3] @ part.cam_from_world[0, :, :3].T
+        np.testing.assert_allclose(relative, alone.cam_from_world[:, :, :3] @ alone.cam_from_world[0, :, :3].T, atol=1e-6)
+    # A window that holds every frame is one pass.
+    whole = predict(tmp_path / "im", window=8, **kwargs)
+    np.testing.assert_array_equal(whole.depth, predict(tmp_path / "im", **kwargs).depth)
+
+
+def test_bad_windows(model, tmp_path):
+    _temple(tmp_path / "im", 3)
+    with pytest.raises(UserError, match="at least 2"):
+        predict(tmp_path / "im", model=model, window=1)
+    with pytest.raises(UserError, match="overlap"):
+        predict(tmp_path / "im", model=model, window=2, window_overlap=2)
+    with pytest.raises(UserError, match="needs the depth head"):
+        predict(tmp_path / "im", model=model, window=2, heads=("camera",))

@@ -38,6 +38,8 @@ RECONSTRUCT_OVERRIDES: dict[str, str] = {
     "preprocess": "predict.preprocess",
     "device": "predict.device",
     "dtype": "predict.dtype",
+    "window": "predict.window",
+    "window_overlap": "predict.window_overlap",
 }
 
 
@@ -51,6 +53,8 @@ def _add_weights(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess", choices=["crop", "pad"], default=None, help="VGGT input preprocessing (default: crop)")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda")
     parser.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--window", type=int, default=None, help="run VGGT on overlapping windows of N frames (when all frames do not fit)")
+    parser.add_argument("--window-overlap", type=int, default=None, help="frames shared by consecutive windows (default: a quarter of --window)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +172,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         dtype=args.dtype or "auto",
         preprocess=args.preprocess or "crop",
         heads=heads,
+        window=args.window or 0,
+        window_overlap=args.window_overlap or 0,
     )
     print(f"wrote {output}: {predictions.num_frames} frames")
     return 0

@@ -39,6 +39,8 @@ class PredictConfig:
     preprocess: str = "crop"  # "crop" | "pad", as the official loader
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "float32" | "bfloat16" | "float16"
+    window: int = 0  # 0: all frames in one pass; N >= 2: overlapping windows of N frames (for more than fit)
+    window_overlap: int = 0  # frames shared by consecutive windows; 0: a quarter of the window
 
 
 @dataclass
@@ -153,6 +155,8 @@ def validate_config(config: PipelineConfig, source: str = "config") -> None:
         raise UserError(f"{source}: output.dense_points must be >= 0")
     if config.predict.preprocess not in ("crop", "pad"):
         raise UserError(f"{source}: predict.preprocess must be 'crop' or 'pad'")
+    if config.predict.window == 1 or config.predict.window < 0:
+        raise UserError(f"{source}: predict.window must be 0 (one pass) or at least 2 frames")
 
 
 def list_presets() -> dict[str, str]:

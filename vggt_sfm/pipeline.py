@@ -184,6 +184,8 @@ def _predict(images_dir: Path, config: PipelineConfig, weights: str | Path | Non
         dtype=config.predict.dtype,
         preprocess=config.predict.preprocess,
         progress=progress,
+        window=config.predict.window,
+        window_overlap=config.predict.window_overlap,
     )
 
 

@@ -23,6 +23,7 @@ import torch
 
 from .errors import UserError
 from .images import list_images, scan_images
+from .log import progress as log_progress
 from .predictions import Predictions, save_predictions, vggt_grid_from_image
 
 logger = logging.getLogger(__name__)
@@ -190,7 +191,10 @@ def estimate_memory(
     )
 
 
-def _check_fits(estimate: MemoryEstimate, num_frames: int, device: torch.device, max_frames: int | None) -> None:
+def _check_fits(
+    estimate: MemoryEstimate, num_frames: int, device: torch.device, max_frames: int | None, windowed: bool = False
+) -> None:
+    """Refuse (UserError) when `num_frames` frames in one pass exceed `max_frames` or the free memory."""
     gb = 2.0**30
     if max_frames is not None:
         if num_frames > max_frames:
@@ -200,10 +204,15 @@ def _check_fits(estimate: MemoryEstimate, num_frames: int, device: torch.device,
     if fit is None:
         return
     if num_frames > fit:
-        hint = " or use a GPU" if device.type == "cpu" else ""
+        what = f"a window of {num_frames} frames needs" if windowed else f"{num_frames} frames need"
+        hint = f"; use a smaller --window (at most {fit})" if windowed else "; pass fewer images"
+        if not windowed and fit >= 2:
+            hint += f" or predict in overlapping windows (--window {fit})"
+        if device.type == "cpu":
+            hint += " or use a GPU"
         raise UserError(
-            f"{num_frames} frames need about {estimate.needed(num_frames) / gb:.1f} GB for VGGT on {device}, "
-            f"but {estimate.available / gb:.1f} GB are free: about {fit} frames fit; pass fewer images{hint}"
+            f"{what} about {estimate.needed(num_frames) / gb:.1f} GB for VGGT on {device}, "
+            f"but {estimate.available / gb:.1f} GB are free: about {fit} frames fit{hint}"
         )
     logger.info(
         "VGGT on %d frames needs about %.1f GB of %.1f GB free on %s (up to about %d frames fit)",
@@ -260,29 +269,43 @@ def predict(
     max_frames: int | None = None,
     model: torch.nn.Module | None = None,
     progress: bool = True,
+    window: int = 0,
+    window_overlap: int = 0,
 ) -> Predictions:
     """VGGT predictions (cameras, depth; point maps on request) for every readable image of `images_dir`.
 
     Frames are the images in sorted name order; unreadable images are skipped with a warning. `weights` and
     `download` choose the checkpoint (see `vggt_sfm.model.weights`); `model` passes a ready VGGT instead.
-    Refuses (UserError) before running when the frames will not fit in memory, or more than `max_frames`
-    are given. With `output`, the predictions file is also written there.
+    All frames go through one pass, unless `window` > 0: then VGGT runs on windows of that many consecutive
+    frames, consecutive windows sharing `window_overlap` frames (0: a quarter of the window), and the windows
+    are chained into one frame by their shared depth (`vggt_sfm.windows`; needs the depth head).
+    Refuses (UserError) before running when the frames (or a window) will not fit in memory, or more than
+    `max_frames` are given. With `output`, the predictions file is also written there.
     """
     from .model import VGGTConfig
     from .model.preprocess import preprocess_images
     from .model.weights import load_model
+    from .windows import append_window, default_overlap, window_ranges
 
     images_dir = Path(images_dir)
     run_heads = parse_heads(heads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if window < 0:
+        raise UserError(f"window must be 0 (one pass over all frames) or at least 2, got {window}")
+    if window and "depth" not in run_heads:
+        raise UserError("predicting in windows needs the depth head (windows are aligned by their depth); add depth to --heads")
     infos = scan_images(images_dir, list_images(images_dir), min_images=1)
     names = [info.name for info in infos]
     _, grid_size = vggt_grid_from_image([(info.width, info.height) for info in infos], preprocess)
+    ranges = [(0, len(names))]
+    if window:
+        ranges = window_ranges(len(names), window, window_overlap or default_overlap(window))
 
     config = getattr(model, "config", None) or VGGTConfig()
     estimate = estimate_memory(config, grid_size, run_heads, torch_device, weights_loaded=model is not None)
-    _check_fits(estimate, len(names), torch_device, max_frames)
+    largest = max(stop - start for start, stop in ranges)
+    _check_fits(estimate, len(names) if max_frames is not None else largest, torch_device, max_frames, len(ranges) > 1)
 
     if model is None:
         model = load_model(weights, download, heads=run_heads)
@@ -291,30 +314,48 @@ def predict(
     model = model.to(torch_device).eval()
     batch = preprocess_images([images_dir / name for name in names], preprocess, progress=progress)
 
-    logger.info("running VGGT on %d frames of %dx%d (%s, %s)", len(names), *grid_size, torch_device, torch_dtype)
-    start = time.perf_counter()
-    try:
-        arrays = run_vggt(model, batch.images, run_heads, torch_device, torch_dtype)
-    except torch.OutOfMemoryError:
-        fit = estimate.max_frames()
-        raise UserError(
-            f"{torch_device} ran out of memory running VGGT on {len(names)} frames"
-            + (f" (about {fit} should fit)" if fit is not None else "")
-            + "; pass fewer images"
-        ) from None
-    logger.info("VGGT took %.1f s", time.perf_counter() - start)
-    _check_finite(arrays, names)
-
-    predictions = Predictions(
-        image_names=names,
-        cam_from_world=arrays["extrinsic"],
-        intrinsics=arrays["intrinsic"],
-        grid_from_image=batch.grid_from_image,
-        depth=arrays.get("depth"),
-        depth_conf=arrays.get("depth_conf"),
-        world_points=arrays.get("world_points"),
-        world_points_conf=arrays.get("world_points_conf"),
-    )
+    if len(ranges) > 1:
+        logger.info("running VGGT on %d frames of %dx%d in %d overlapping windows of %d (%s, %s)",
+                    len(names), *grid_size, len(ranges), largest, torch_device, torch_dtype)  # fmt: skip
+    else:
+        logger.info("running VGGT on %d frames of %dx%d (%s, %s)", len(names), *grid_size, torch_device, torch_dtype)
+    start_time = time.perf_counter()
+    predictions = None
+    for start, stop in log_progress(ranges, "VGGT windows", len(ranges), progress and len(ranges) > 1):
+        arrays = _run_checked(model, batch.images[start:stop], run_heads, torch_device, torch_dtype, estimate)
+        _check_finite(arrays, names[start:stop])
+        current = Predictions(
+            image_names=names[start:stop],
+            cam_from_world=arrays["extrinsic"],
+            intrinsics=arrays["intrinsic"],
+            grid_from_image=batch.grid_from_image[start:stop],
+            depth=arrays.get("depth"),
+            depth_conf=arrays.get("depth_conf"),
+            world_points=arrays.get("world_points"),
+            world_points_conf=arrays.get("world_points_conf"),
+        )
+        predictions = current if predictions is None else append_window(predictions, current)
+    logger.info("VGGT took %.1f s", time.perf_counter() - start_time)
     if output is not None:
         save_predictions(predictions, output)
     return predictions
+
+
+def _run_checked(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    heads: tuple[str, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    estimate: MemoryEstimate,
+) -> dict[str, np.ndarray]:
+    """`run_vggt`, with running out of memory turned into a clear UserError."""
+    try:
+        return run_vggt(model, images, heads, device, dtype)
+    except torch.OutOfMemoryError:
+        fit = estimate.max_frames()
+        raise UserError(
+            f"{device} ran out of memory running VGGT on {len(images)} frames"
+            + (f" (about {fit} should fit)" if fit is not None else "")
+            + "; pass fewer images or a smaller --window"
+        ) from None

@@ -30,6 +30,7 @@ from scipy.spatial.transform import Rotation
 from ..errors import UserError
 from ..predictions import Predictions, load_predictions
 from ..prior import PriorCameras, prior_from_predictions
+from ..similarity import align_points
 
 AUC_THRESHOLDS = (1, 3, 5, 10, 30)
 FAILED_ROTATION_ERROR = 180.0
@@ -206,19 +207,6 @@ def as_cameras(estimate: CameraSource, ground_truth: PriorCameras) -> PriorCamer
     raise TypeError(f"cannot evaluate an object of type {type(estimate).__name__}")
 
 
-def align_centers(src: np.ndarray, tgt: np.ndarray, inlier_distance: float) -> tuple[pycolmap.Sim3d | None, int]:
-    """tgt_from_src similarity of (N,3) centres, N >= 3: LO-RANSAC, then least squares on the inliers.
-
-    Returns the similarity (None if degenerate) and the number of inliers it was fitted on.
-    """
-    options = pycolmap.RANSACOptions(max_error=inlier_distance, random_seed=0)
-    robust = pycolmap.estimate_sim3d_robust(src, tgt, options)
-    inliers = np.ones(len(src), dtype=bool)
-    if robust is not None and robust["num_inliers"] >= 3:
-        inliers = np.asarray(robust["inlier_mask"], dtype=bool)
-    return pycolmap.estimate_sim3d(src[inliers], tgt[inliers]), int(np.count_nonzero(inliers))
-
-
 def _mean_focal(K: np.ndarray) -> np.ndarray:
     return 0.5 * (K[..., 0, 0] + K[..., 1, 1])
 
@@ -273,7 +261,7 @@ def evaluate(
     sim = None
     if np.count_nonzero(registered) >= 3:
         est_centers = PriorCameras(names, gt.image_sizes[order], est_pose, est_K).centers()[registered]
-        sim, num_inliers = align_centers(est_centers, gt_centers[registered], ALIGNMENT_INLIER_FRACTION * extent)
+        sim, num_inliers = align_points(est_centers, gt_centers[registered], ALIGNMENT_INLIER_FRACTION * extent)
     if sim is not None:
         gt_from_est = sim.matrix()
         centers = est_centers @ gt_from_est[:, :3].T + gt_from_est[:, 3]

@@ -37,7 +37,8 @@ from ..images import scan_images
 from ..observations import observation_table
 from ..predictions import Predictions, save_predictions, vggt_grid_from_image
 from ..prior import PriorCameras
-from .metrics import ALIGNMENT_INLIER_FRACTION, align_centers, cameras_from_reconstruction, read_ground_truth
+from ..similarity import align_points
+from .metrics import ALIGNMENT_INLIER_FRACTION, cameras_from_reconstruction, read_ground_truth
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def observed_points(model: pycolmap.Reconstruction | str | Path, truth: PriorCam
             f"the depth model shares only {len(common)} image name(s) with the ground truth; at least 3 are needed to align it"
         )
     model_ids, truth_ids = (np.array(ids) for ids in zip(*common))
-    gt_from_model, _ = align_centers(
+    gt_from_model, _ = align_points(
         cameras.centers()[model_ids], truth.centers()[truth_ids], ALIGNMENT_INLIER_FRACTION * truth.scene_scale()
     )
     if gt_from_model is None:

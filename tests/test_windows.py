@@ -1,0 +1,142 @@
+"""Overlapping VGGT windows chained into one frame (`vggt_sfm.windows`), on the real cameras of LLFF fern.
+
+Each window's predictions are the fern ground truth seen through `simulate_prior` (VGGT-like noise, depth of a
+surface the cameras see) and then moved into a random similarity frame of its own, as VGGT puts every window in
+its own frame. Chained, they must give the ground-truth cameras back as well as one pass over all frames does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+import pytest
+from scipy.spatial.transform import Rotation
+
+from vggt_sfm.errors import UserError
+from vggt_sfm.evaluation.metrics import evaluate, read_ground_truth, rotation_errors_deg
+from vggt_sfm.evaluation.simulate import NoiseLevel, simulate_prior
+from vggt_sfm.predictions import Predictions
+from vggt_sfm.windows import append_window, default_overlap, transform_predictions, window_ranges, window_similarity
+
+FERN = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "llff_fern" / "gt"
+EXACT = NoiseLevel(rotation_deg=0.0, center_fraction=0.0, focal_fraction=0.0)
+
+
+def test_window_ranges():
+    assert window_ranges(5, 8, 2) == [(0, 5)]
+    assert window_ranges(10, 4, 1) == [(0, 4), (3, 7), (6, 10)]
+    assert window_ranges(11, 4, 1) == [(0, 4), (3, 7), (6, 10), (7, 11)]  # the last window ends at the last frame
+    for num, window, overlap in [(20, 6, 2), (100, 37, 9), (7, 2, 1), (30, 10, 9)]:
+        ranges = window_ranges(num, window, overlap)
+        assert ranges[0][0] == 0 and ranges[-1][1] == num
+        assert all(stop - start == window for start, stop in ranges)
+        assert all(prev[1] - cur[0] >= overlap for prev, cur in zip(ranges, ranges[1:]))
+    assert default_overlap(2) == 1 and default_overlap(8) == 2 and default_overlap(40) == 10
+    for window, overlap in [(1, 0), (4, 0), (4, 4)]:
+        with pytest.raises(UserError, match="window"):
+            window_ranges(10, window, overlap)
+
+
+@functools.lru_cache(maxsize=None)
+def _surface_model() -> pycolmap.Reconstruction:
+    """The fern ground truth plus 3D points: a bumpy surface in front of the cameras, observed where in view."""
+    rng = np.random.default_rng(0)
+    model = pycolmap.Reconstruction(str(FERN))
+    images = [model.images[i] for i in sorted(model.images)]
+    centers = np.array([im.projection_center() for im in images])
+    axis = np.mean([im.viewing_direction() for im in images], axis=0)
+    axis /= np.linalg.norm(axis)
+    depth = 10.0 * np.linalg.norm(centers - centers.mean(axis=0), axis=1).max()
+    # A plane across the view at `depth`, with bumps of 10 % of it, sampled wider than any camera's view.
+    side = np.cross(axis, [0.0, 1.0, 0.0])
+    side /= np.linalg.norm(side)
+    up = np.cross(axis, side)
+    ab = rng.uniform(-1.0, 1.0, size=(6000, 2)) * depth
+    bumps = 0.1 * depth * np.sin(3.0 * ab[:, :1] / depth) * np.cos(2.0 * ab[:, 1:] / depth)
+    points = centers.mean(axis=0) + (depth + bumps) * axis + ab[:, :1] * side + ab[:, 1:] * up
+    elements: list[list[pycolmap.TrackElement]] = [[] for _ in points]
+    for image in images:
+        camera = model.cameras[image.camera_id]
+        xy = camera.img_from_cam(image.cam_from_world() * points)
+        inside = np.flatnonzero((xy[:, 0] >= 0) & (xy[:, 0] < camera.width) & (xy[:, 1] >= 0) & (xy[:, 1] < camera.height))
+        image.points2D = pycolmap.Point2DList([pycolmap.Point2D(p) for p in xy[inside]])
+        for keypoint, point in enumerate(inside):
+            elements[point].append(pycolmap.TrackElement(image.image_id, keypoint))
+    for xyz, track in zip(points, elements):
+        if len(track) >= 3:
+            model.add_point3D(xyz, pycolmap.Track(track))
+    return model
+
+
+def _windowed(predictions: Predictions, ranges, seed: int, extra_rotation_deg: float = 0.0) -> list[Predictions]:
+    """Each window of `predictions` in a random similarity frame, its cameras optionally perturbed further."""
+    rng = np.random.default_rng(seed)
+    windows = []
+    for start, stop in ranges:
+        window = predictions.subset(predictions.image_names[start:stop])
+        if extra_rotation_deg:
+            poses = window.cam_from_world.copy()
+            for pose in poses:
+                delta = Rotation.from_rotvec(rng.normal(size=3) * np.radians(extra_rotation_deg) / np.sqrt(3)).as_matrix()
+                center = -pose[:, :3].T @ pose[:, 3]
+                pose[:, :3] = delta @ pose[:, :3]
+                pose[:, 3] = -pose[:, :3] @ center
+            window = dataclasses.replace(window, cam_from_world=poses)
+        frame = pycolmap.Sim3d(
+            float(np.exp(rng.uniform(-2, 2))), pycolmap.Rotation3d(Rotation.random(random_state=rng).as_matrix()), rng.normal(size=3)
+        )
+        windows.append(transform_predictions(window, frame))
+    return windows
+
+
+def _chain(windows: list[Predictions]) -> Predictions:
+    merged = windows[0]
+    for window in windows[1:]:
+        merged = append_window(merged, window)
+    return merged
+
+
+def test_exact_windows_chain_into_one_frame():
+    predictions = simulate_prior(FERN, level=EXACT, seed=1, depth_from=_surface_model())
+    assert predictions.depth is not None and (predictions.depth > 0).mean() > 0.9
+    ranges = window_ranges(predictions.num_frames, 6, 2)
+    merged = _chain(_windowed(predictions, ranges, seed=2))
+    assert merged.image_names == predictions.image_names
+    # One similarity maps the chained cameras onto the one-pass cameras: the relative poses are the same.
+    rotations = merged.cam_from_world[:, :, :3] @ merged.cam_from_world[0, :, :3].T
+    reference = predictions.cam_from_world[:, :, :3] @ predictions.cam_from_world[0, :, :3].T
+    assert rotation_errors_deg(rotations, reference).max() < 1e-5
+    centers = -np.einsum("sji,sj->si", merged.cam_from_world[:, :, :3], merged.cam_from_world[:, :, 3])
+    truth = -np.einsum("sji,sj->si", predictions.cam_from_world[:, :, :3], predictions.cam_from_world[:, :, 3])
+    scale = np.linalg.norm(centers - centers[0], axis=1)[1:] / np.linalg.norm(truth - truth[0], axis=1)[1:]
+    assert np.ptp(scale) < 1e-5 * scale.mean()
+    # Depth in the merged frame: scaled like the cameras.
+    np.testing.assert_allclose(merged.depth, predictions.depth * scale.mean(), rtol=1e-4)
+    result = evaluate(merged, FERN)
+    assert result.num_registered == 20 and result.auc[1] == pytest.approx(1.0)
+
+
+def test_noisy_windows_are_as_accurate_as_one_pass():
+    """Every window sees its frames with VGGT-like noise of its own; the chain must not add drift beyond it."""
+    predictions = simulate_prior(FERN, level="vggt", seed=3, depth_from=_surface_model())
+    one_pass = evaluate(predictions, FERN)
+    ranges = window_ranges(predictions.num_frames, 8, 2)
+    merged = _chain(_windowed(predictions, ranges, seed=4, extra_rotation_deg=0.5))
+    chained = evaluate(merged, FERN)
+    assert chained.num_registered == 20
+    # The windows' own noise (0.5 deg more per camera) shows; chaining three windows adds little on top.
+    assert np.median(chained.rotation_errors) < np.median(one_pass.rotation_errors) + 1.0
+    assert chained.auc[10] > 0.8 * one_pass.auc[10]
+
+
+def test_windows_without_depth_or_shared_frames_are_refused():
+    predictions = simulate_prior(FERN, level=EXACT, seed=1, depth_from=_surface_model())
+    first, second = predictions.subset(predictions.image_names[:5]), predictions.subset(predictions.image_names[5:10])
+    with pytest.raises(ValueError, match="share no frame"):
+        window_similarity(first, second)
+    with pytest.raises(ValueError, match="depth"):
+        window_similarity(dataclasses.replace(first, depth=None), predictions.subset(predictions.image_names[4:9]))
