@@ -36,10 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from readme_section import write_section  # noqa: E402  (benchmarks/ is the script's folder)
+
 IMAGES = REPO.parent / "shared" / "datasets" / "middlebury_templeSR" / "images"
 README = REPO / "benchmarks" / "README.md"
-SECTION_START = "<!-- bench_model:start -->"
-SECTION_END = "<!-- bench_model:end -->"
 SEED = 0
 NUM_QUERIES = 64
 HEADS = {"camera+depth": ("camera", "depth"), "all": ("camera", "depth", "point", "track")}
@@ -237,14 +237,7 @@ def ratios(rows: list[dict]) -> str:
 
 def write_readme(text: str) -> None:
     """Replace (or append) this benchmark's section of benchmarks/README.md, leaving the rest alone."""
-    section = f"{SECTION_START}\n{text}\n{SECTION_END}"
-    current = README.read_text() if README.exists() else "# Benchmarks\n"
-    if SECTION_START in current and SECTION_END in current:
-        head, rest = current.split(SECTION_START, 1)
-        current = head + section + rest.split(SECTION_END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + section + "\n"
-    README.write_text(current)
+    write_section("bench_model", text)
 
 
 def main() -> None:

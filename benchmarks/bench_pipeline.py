@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from readme_section import write_section  # noqa: E402  (benchmarks/ is the script's folder)
+
 DATASETS = REPO.parent / "shared" / "datasets"
 SETS = {
     "templeSR": "middlebury_templeSR",
@@ -43,8 +45,6 @@ SETS = {
 METHODS = ("colmap", "prior", "ours", "ours_outlier")
 PRIOR_LEVEL, PRIOR_SEED = "vggt", 0
 README = REPO / "benchmarks" / "README.md"
-SECTION_START = "<!-- bench_pipeline:start -->"
-SECTION_END = "<!-- bench_pipeline:end -->"
 
 
 def run_colmap(images: Path, work: Path) -> "pycolmap.Reconstruction | None":
@@ -185,7 +185,6 @@ def write_readme_section(table: str, rows: list[dict], threads: int, note: str =
                 if r.get("outlier") is not None]
     commits = sorted({r["commit"] for r in rows if r.get("commit")})
     section = "\n".join([
-        SECTION_START,
         "## Pipeline vs COLMAP on real sets with ground truth (`bench_pipeline.py`)",
         "",
         f"Run {datetime.date.today().isoformat()} on this machine ({os.cpu_count()} CPU cores), {threads} threads, CPU "
@@ -208,15 +207,8 @@ def write_readme_section(table: str, rows: list[dict], threads: int, note: str =
         "",
     ] + ([f"Outlier frame, rotation error after the run: {'; '.join(outliers)}.", ""] if outliers else [])
       + ([note, ""] if note else [])
-      + [SECTION_END])
-    text = README.read_text() if README.exists() else "# Benchmarks\n\nDated results; each script owns its section.\n"
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    README.write_text(text)
+    )
+    write_section("bench_pipeline", section)
 
 
 def main() -> int:

@@ -140,3 +140,15 @@ def test_windows_without_depth_or_shared_frames_are_refused():
         window_similarity(first, second)
     with pytest.raises(ValueError, match="depth"):
         window_similarity(dataclasses.replace(first, depth=None), predictions.subset(predictions.image_names[4:9]))
+
+
+def test_a_shared_frame_without_depth_leaves_the_others_to_align():
+    predictions = simulate_prior(FERN, level=EXACT, seed=1, depth_from=_surface_model())
+    depth = predictions.depth.copy()
+    depth[4] = 0.0  # frame 4 is shared by the first two windows of 6/2 (frames 4 and 5)
+    windows = _windowed(dataclasses.replace(predictions, depth=depth), window_ranges(20, 6, 2), seed=2)
+    assert evaluate(_chain(windows), FERN).auc[1] == pytest.approx(1.0)
+    depth[5] = 0.0
+    windows = _windowed(dataclasses.replace(predictions, depth=depth), window_ranges(20, 6, 2), seed=2)
+    with pytest.raises(UserError, match="fewer than 3 pixels"):
+        _chain(windows)

@@ -70,11 +70,13 @@ def _usable(predictions: Predictions, frame: int) -> np.ndarray:
     return usable.reshape(-1)
 
 
-def shared_points(reference: Predictions, current: Predictions, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Corresponding surface points (N,3) of the frames `names` that both predictions hold: (in current's frame,
-    in reference's frame), from the pixels both predict with confidence."""
+def shared_points(
+    reference: Predictions, current: Predictions, names: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Corresponding surface points (N,3) of the frames `names` that both predictions hold, from the pixels both
+    predict with confidence: (in current's frame, in reference's frame, their depth (N,) in reference)."""
     ref_index, cur_index = reference.index(), current.index()
-    src, tgt = [], []
+    src, tgt, depth = [], [], []
     for name in names:
         i, j = ref_index[name], cur_index[name]
         if reference.depth[i].shape != current.depth[j].shape:
@@ -84,7 +86,8 @@ def shared_points(reference: Predictions, current: Predictions, names: list[str]
             pixels = pixels[np.linspace(0, len(pixels) - 1, MAX_POINTS_PER_FRAME).astype(int)]
         src.append(_pixel_points(current, j, pixels))
         tgt.append(_pixel_points(reference, i, pixels))
-    return np.concatenate(src), np.concatenate(tgt)
+        depth.append(reference.depth[i].reshape(-1)[pixels])
+    return np.concatenate(src), np.concatenate(tgt), np.concatenate(depth)
 
 
 def window_similarity(reference: Predictions, current: Predictions) -> pycolmap.Sim3d:
@@ -95,15 +98,13 @@ def window_similarity(reference: Predictions, current: Predictions) -> pycolmap.
     names = [name for name in current.image_names if name in ref_names]
     if not names:
         raise ValueError("the windows share no frame")
-    src, tgt = shared_points(reference, current, names)
+    src, tgt, depth = shared_points(reference, current, names)
     if len(src) < 3:
         raise UserError(
             f"windows sharing {', '.join(names)} have fewer than 3 pixels with a confident depth in both; "
             "use a larger window overlap"
         )
-    index = reference.index()
-    depth = np.median([np.median(reference.depth[index[n]][reference.depth[index[n]] > 0]) for n in names])
-    sim, num_inliers = align_points(src, tgt, INLIER_DEPTH_FRACTION * float(depth))
+    sim, num_inliers = align_points(src, tgt, INLIER_DEPTH_FRACTION * float(np.median(depth)))
     if sim is None:
         raise UserError(f"windows sharing {', '.join(names)} cannot be aligned (degenerate depth); use a larger overlap")
     logger.debug("window aligned on %d frames, %d of %d points inliers, scale %.4g", len(names), num_inliers, len(src), sim.scale)
