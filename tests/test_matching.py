@@ -17,6 +17,7 @@ from vggt_sfm.matching import (
     PairMatches,
     fundamental_from_cameras,
     match_pairs,
+    refine_fundamental,
     resolve_matcher,
     sampson_distances,
     verify_matches,
@@ -167,3 +168,16 @@ def test_pairs_without_enough_inliers_are_dropped_and_other_modes(aliked, lightg
     assert unverified.method == ["none"] and len(unverified.matches[0]) == len(lightglue_raw.matches[0])
     with pytest.raises(UserError, match="needs the predicted cameras"):
         verify_matches(aliked, lightglue_raw, None, MatchingConfig(), progress=False)
+
+
+def test_a_diverging_fundamental_fit_stays_finite_and_quiet():
+    """19 correspondences of a lego pair (mostly wrong matches; captured from a pipeline run on a noisy prior) on
+    which the corrected fit takes Levenberg steps that drive a focal length towards infinity. Those steps overflow
+    and are refused; no numpy warning may reach the user, and F must stay a proper F (in that run the last one
+    overflowed: it became a zero matrix that passed every match as an inlier, now the prior's F stands)."""
+    data = np.load(Path(__file__).parent / "fixtures" / "degenerate_pair_lego.npz")
+    relative = pycolmap.Rigid3d(data["rel"])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        F = refine_fundamental(data["points_i"], data["points_j"], data["K_i"], data["K_j"], relative, float(data["scale"]))
+    assert np.isfinite(F).all() and np.linalg.norm(F) == pytest.approx(1.0)
+    assert np.median(sampson_distances(data["points_i"], data["points_j"], F)) > 1.0  # not every match an inlier

@@ -503,27 +503,36 @@ def refine_fundamental(
         residuals = _signed_sampson(_corrected_fundamentals(p[None], K_i, K_j, R0, t0), x, y)[0]
         return residuals, float(np.sum(np.log1p((residuals / scale) ** 2)))
 
-    residuals, cost = evaluate(params)
-    for _ in range(iterations):
-        probes = params[None] + step * np.eye(8)
-        jacobian = (_signed_sampson(_corrected_fundamentals(probes, K_i, K_j, R0, t0), x, y) - residuals) / step
-        weights = 1.0 / (1.0 + (residuals / scale) ** 2)
-        JtW = jacobian * weights[None]
-        normal = JtW @ jacobian.T
-        gradient = JtW @ residuals
-        # The translation's scale is free (a null direction); the damping keeps the system regular.
-        update = np.linalg.solve(normal + damping * (np.diag(np.diag(normal)) + 1e-12 * np.eye(8)), -gradient)
-        candidate, candidate_cost = evaluate(params + update)
-        if candidate_cost < cost:
-            params, residuals, converged = params + update, candidate, cost - candidate_cost < 1e-6 * cost
-            cost = candidate_cost
-            damping = max(damping / 10, 1e-9)
-            if converged:
-                break
-        else:
-            damping *= 10
-    F = _corrected_fundamentals(params[None], K_i, K_j, R0, t0)[0]
-    return F / np.linalg.norm(F)
+    # A diverging Levenberg step can overflow (a huge focal scale): its cost is then inf or NaN and the step is
+    # refused like any other that does not lower the cost, so numpy's overflow warnings are noise here.
+    with np.errstate(over="ignore", invalid="ignore"):
+        residuals, cost = evaluate(params)
+        for _ in range(iterations):
+            probes = params[None] + step * np.eye(8)
+            jacobian = (_signed_sampson(_corrected_fundamentals(probes, K_i, K_j, R0, t0), x, y) - residuals) / step
+            weights = 1.0 / (1.0 + (residuals / scale) ** 2)
+            JtW = jacobian * weights[None]
+            normal = JtW @ jacobian.T
+            gradient = JtW @ residuals
+            # The translation's scale is free (a null direction); the damping keeps the system regular.
+            update = np.linalg.solve(normal + damping * (np.diag(np.diag(normal)) + 1e-12 * np.eye(8)), -gradient)
+            candidate, candidate_cost = evaluate(params + update)
+            if candidate_cost < cost:
+                params, residuals, converged = params + update, candidate, cost - candidate_cost < 1e-6 * cost
+                cost = candidate_cost
+                damping = max(damping / 10, 1e-9)
+                if converged:
+                    break
+            else:
+                damping *= 10
+        F = _corrected_fundamentals(params[None], K_i, K_j, R0, t0)[0]
+        norm = np.linalg.norm(F)
+    if not np.isfinite(norm) or norm == 0:
+        # A degenerate fit (a focal length driven to 0 or infinity makes every Sampson distance vanish, and F
+        # itself overflows): it must not pass every match as an inlier; the prior's own F stands instead.
+        F = _corrected_fundamentals(np.zeros((1, 8)), K_i, K_j, R0, t0)[0]
+        norm = np.linalg.norm(F)
+    return F / norm
 
 
 def fit_prior_geometry(
