@@ -30,6 +30,11 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     # The displayed image is the stored one turned clockwise: its top-left was the stored bottom-left.
     expected = np.rot90(rgb, k=-1)
     assert np.abs(out.astype(int) - expected.astype(int)).mean() < 6
+    # PNG carries EXIF too (an eXIf chunk); the scan reads it without decoding the pixels.
+    image.save(tmp_path / "rotated.png", exif=exif)
+    assert read_image(tmp_path / "rotated.png").shape == (40, 20, 3)
+    info = read_image_info(tmp_path / "rotated.png", "rotated.png")
+    assert (info.width, info.height) == (20, 40)
 
 
 def test_sixteen_bit_grey_and_rgba(tmp_path: Path):
@@ -66,8 +71,14 @@ def test_listing_and_corrupt_images(tmp_path: Path):
     photo = (Path(__file__).parent.parent / "data" / "fountain" / "images").glob("*.jpg")
     data = next(iter(sorted(photo))).read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: int(0.95 * len(data))])
+    # Real PNGs cut short, and with one flipped byte in the pixel data: the scan checks PNGs by their CRCs.
+    png = next(iter(sorted((Path(__file__).parent.parent / "data" / "templeSR" / "images").glob("*.png")))).read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: int(0.95 * len(png))])
+    flipped = bytearray(png)
+    flipped[len(png) // 2] ^= 0xFF
+    (tmp_path / "flipped.png").write_bytes(bytes(flipped))
     names = list_images(tmp_path)
-    assert names == ["a.png", "b.jpg", "broken.jpg", "cut.jpg", "sub/c.JPG"]
+    assert names == ["a.png", "b.jpg", "broken.jpg", "cut.jpg", "cut.png", "flipped.png", "sub/c.JPG"]
     with pytest.raises(UserError, match="broken.jpg"):
         read_image(tmp_path / "broken.jpg")
     records: list[logging.LogRecord] = []
@@ -82,5 +93,6 @@ def test_listing_and_corrupt_images(tmp_path: Path):
     assert [i.name for i in infos] == ["a.png", "b.jpg", "sub/c.JPG"]
     assert any("broken.jpg" in r.getMessage() for r in records)
     assert any("cut.jpg" in r.getMessage() for r in records)
+    assert any("cut.png" in r.getMessage() for r in records) and any("flipped.png" in r.getMessage() for r in records)
     with pytest.raises(UserError, match="at least 5"):
         scan_images(tmp_path, min_images=5)

@@ -617,28 +617,32 @@ def _align_components(
             center = -R.T @ refined[0][:, 3]
             similarity = (1.0, Q, -R_ref.T @ reference_poses[i][:, 3] - Q @ center)
         transforms.append(similarity)
-    if len(groups) == 1 and images == set(rec.reg_image_ids()):
-        # Everything moves together: one similarity of the whole model, in pycolmap.
-        scale, Q, translation = transforms[0]
-        rec.transform(pycolmap.Sim3d(scale, pycolmap.Rotation3d(Q), translation))
-        return 1
-    for image_id in images:
-        scale, Q, translation = transforms[group_of[image_id]]
-        image = rec.images[image_id]
-        pose = image.cam_from_world().matrix()
-        rotation = pose[:, :3] @ Q.T
-        new_pose = np.concatenate([rotation, (scale * pose[:, 3] - rotation @ translation)[:, None]], axis=1)
-        rec.frames[image.frame_id].set_cam_from_world(image.camera_id, pycolmap.Rigid3d(new_pose))
     # Each point moves with the group that observes it most (the images have not changed their observations).
     point_ids, point_row = table.points()
     group_lookup = np.zeros(max(group_of) + 1, dtype=np.int64)
     group_lookup[list(group_of)] = list(group_of.values())
-    group = group_lookup[table.image_id]
     votes = np.zeros((len(point_ids), len(groups)), dtype=np.int64)
-    np.add.at(votes, (point_row, group), 1)
-    owner = dict(zip(point_ids.tolist(), votes.argmax(axis=1).tolist()))
-    for point_id, point in rec.points3D.items():
-        if point_id in owner:
-            scale, Q, translation = transforms[owner[point_id]]
-            point.xyz = scale * (Q @ point.xyz) + translation
+    np.add.at(votes, (point_row, group_lookup[table.image_id]), 1)
+    owner = votes.argmax(axis=1)
+    # The largest group's similarity moves the whole model at once, in pycolmap; only what it must not move (the
+    # other groups, the images left out, the points none of the groups sees) is then set one by one.
+    others = [i for i in rec.reg_image_ids() if group_of.get(i, 0) != 0 or i not in images]
+    poses = {i: rec.images[i].cam_from_world().matrix() for i in others}
+    unseen = set(rec.point3D_ids()) - set(point_ids.tolist())
+    owners = {int(p): int(g) for p, g in zip(point_ids[owner != 0], owner[owner != 0])}
+    positions = {p: np.array(rec.points3D[p].xyz) for p in list(owners) + list(unseen)}
+    scale, Q, translation = transforms[0]
+    rec.transform(pycolmap.Sim3d(scale, pycolmap.Rotation3d(Q), translation))
+    for image_id, pose in poses.items():
+        if image_id in images:
+            scale, Q, translation = transforms[group_of[image_id]]
+            rotation = pose[:, :3] @ Q.T
+            pose = np.concatenate([rotation, (scale * pose[:, 3] - rotation @ translation)[:, None]], axis=1)
+        image = rec.images[image_id]
+        rec.frames[image.frame_id].set_cam_from_world(image.camera_id, pycolmap.Rigid3d(pose))
+    for point_id, xyz in positions.items():
+        if point_id in owners:
+            scale, Q, translation = transforms[owners[point_id]]
+            xyz = scale * (Q @ xyz) + translation
+        rec.points3D[point_id].xyz = xyz
     return len(groups)
