@@ -5,7 +5,7 @@ level `vggt`), with depth maps rendered from our own reconstruction of the set (
 - `one pass`: one simulated prediction of all frames (one noise draw, one frame), as VGGT gives when all fit;
 - `windows W/K`: windows of W frames sharing K (`vggt_sfm.windows.window_ranges`), each simulated on its own
   (its own noise, its own random similarity frame, as VGGT puts each window in a frame of its own), then chained
-  by `vggt_sfm.windows.append_window` exactly as `predict --window` chains VGGT's windows.
+  by `vggt_sfm.windows.chain_windows` exactly as `predict --window` chains VGGT's windows.
 Each prior is evaluated, then reconstructed with the default pipeline (`vggt_sfm.run`) and evaluated again.
 All runs of a set happen in one process, one after the other; times are the `run` wall times.
 
@@ -35,16 +35,15 @@ def windowed_prior(gt, depth_model, window: int, overlap: int):
     """Per-window simulated predictions chained into one frame (see the module docstring)."""
     from vggt_sfm.evaluation.simulate import simulate_prior
     from vggt_sfm.prior import PriorCameras
-    from vggt_sfm.windows import append_window, window_ranges
+    from vggt_sfm.windows import chain_windows, window_ranges
 
     order = sorted(range(gt.num_images), key=lambda i: gt.image_names[i])
-    merged = None
+    windows = []
     for k, (start, stop) in enumerate(window_ranges(len(order), window, overlap)):
         ids = order[start:stop]
         subset = PriorCameras([gt.image_names[i] for i in ids], gt.image_sizes[ids], gt.cam_from_world[ids], gt.intrinsics[ids])
-        current = simulate_prior(subset, level=PRIOR_LEVEL, seed=WINDOW_SEED + k, depth_from=depth_model)
-        merged = current if merged is None else append_window(merged, current)
-    return merged
+        windows.append(simulate_prior(subset, level=PRIOR_LEVEL, seed=WINDOW_SEED + k, depth_from=depth_model))
+    return chain_windows(windows)
 
 
 def run_set(set_name: str, windows: list[tuple[int, int]]) -> list[dict]:

@@ -17,10 +17,10 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from vggt_sfm.errors import UserError
-from vggt_sfm.evaluation.metrics import evaluate, read_ground_truth, rotation_errors_deg
+from vggt_sfm.evaluation.metrics import evaluate, rotation_errors_deg
 from vggt_sfm.evaluation.simulate import NoiseLevel, simulate_prior
 from vggt_sfm.predictions import Predictions
-from vggt_sfm.windows import append_window, default_overlap, transform_predictions, window_ranges, window_similarity
+from vggt_sfm.windows import chain_windows, default_overlap, transform_predictions, window_ranges, window_similarity
 
 FERN = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "llff_fern" / "gt"
 EXACT = NoiseLevel(rotation_deg=0.0, center_fraction=0.0, focal_fraction=0.0)
@@ -93,18 +93,11 @@ def _windowed(predictions: Predictions, ranges, seed: int, extra_rotation_deg: f
     return windows
 
 
-def _chain(windows: list[Predictions]) -> Predictions:
-    merged = windows[0]
-    for window in windows[1:]:
-        merged = append_window(merged, window)
-    return merged
-
-
 def test_exact_windows_chain_into_one_frame():
     predictions = simulate_prior(FERN, level=EXACT, seed=1, depth_from=_surface_model())
     assert predictions.depth is not None and (predictions.depth > 0).mean() > 0.9
     ranges = window_ranges(predictions.num_frames, 6, 2)
-    merged = _chain(_windowed(predictions, ranges, seed=2))
+    merged = chain_windows(_windowed(predictions, ranges, seed=2))
     assert merged.image_names == predictions.image_names
     # One similarity maps the chained cameras onto the one-pass cameras: the relative poses are the same.
     rotations = merged.cam_from_world[:, :, :3] @ merged.cam_from_world[0, :, :3].T
@@ -125,7 +118,7 @@ def test_noisy_windows_are_as_accurate_as_one_pass():
     predictions = simulate_prior(FERN, level="vggt", seed=3, depth_from=_surface_model())
     one_pass = evaluate(predictions, FERN)
     ranges = window_ranges(predictions.num_frames, 8, 2)
-    merged = _chain(_windowed(predictions, ranges, seed=4, extra_rotation_deg=0.5))
+    merged = chain_windows(_windowed(predictions, ranges, seed=4, extra_rotation_deg=0.5))
     chained = evaluate(merged, FERN)
     assert chained.num_registered == 20
     # The windows' own noise (0.5 deg more per camera) shows; chaining three windows adds little on top.
@@ -147,8 +140,8 @@ def test_a_shared_frame_without_depth_leaves_the_others_to_align():
     depth = predictions.depth.copy()
     depth[4] = 0.0  # frame 4 is shared by the first two windows of 6/2 (frames 4 and 5)
     windows = _windowed(dataclasses.replace(predictions, depth=depth), window_ranges(20, 6, 2), seed=2)
-    assert evaluate(_chain(windows), FERN).auc[1] == pytest.approx(1.0)
+    assert evaluate(chain_windows(windows), FERN).auc[1] == pytest.approx(1.0)
     depth[5] = 0.0
     windows = _windowed(dataclasses.replace(predictions, depth=depth), window_ranges(20, 6, 2), seed=2)
     with pytest.raises(UserError, match="fewer than 3 pixels"):
-        _chain(windows)
+        chain_windows(windows)

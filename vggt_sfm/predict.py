@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,7 +285,7 @@ def predict(
     from .model import VGGTConfig
     from .model.preprocess import preprocess_images
     from .model.weights import load_model
-    from .windows import append_window, default_overlap, window_ranges
+    from .windows import chain_windows, default_overlap, window_ranges
 
     images_dir = Path(images_dir)
     run_heads = parse_heads(heads)
@@ -320,21 +320,23 @@ def predict(
     else:
         logger.info("running VGGT on %d frames of %dx%d (%s, %s)", len(names), *grid_size, torch_device, torch_dtype)
     start_time = time.perf_counter()
-    predictions = None
-    for start, stop in log_progress(ranges, "VGGT windows", len(ranges), progress and len(ranges) > 1):
-        arrays = _run_checked(model, batch.images[start:stop], run_heads, torch_device, torch_dtype, estimate)
-        _check_finite(arrays, names[start:stop])
-        current = Predictions(
-            image_names=names[start:stop],
-            cam_from_world=arrays["extrinsic"],
-            intrinsics=arrays["intrinsic"],
-            grid_from_image=batch.grid_from_image[start:stop],
-            depth=arrays.get("depth"),
-            depth_conf=arrays.get("depth_conf"),
-            world_points=arrays.get("world_points"),
-            world_points_conf=arrays.get("world_points_conf"),
-        )
-        predictions = current if predictions is None else append_window(predictions, current)
+
+    def run_windows() -> Iterator[Predictions]:
+        for start, stop in log_progress(ranges, "VGGT windows", len(ranges), progress and len(ranges) > 1):
+            arrays = _run_checked(model, batch.images[start:stop], run_heads, torch_device, torch_dtype, estimate)
+            _check_finite(arrays, names[start:stop])
+            yield Predictions(
+                image_names=names[start:stop],
+                cam_from_world=arrays["extrinsic"],
+                intrinsics=arrays["intrinsic"],
+                grid_from_image=batch.grid_from_image[start:stop],
+                depth=arrays.get("depth"),
+                depth_conf=arrays.get("depth_conf"),
+                world_points=arrays.get("world_points"),
+                world_points_conf=arrays.get("world_points_conf"),
+            )
+
+    predictions = chain_windows(run_windows())
     logger.info("VGGT took %.1f s", time.perf_counter() - start_time)
     if output is not None:
         save_predictions(predictions, output)

@@ -4,7 +4,8 @@ VGGT predicts every window in a frame of its own (the window's first camera at t
 Consecutive windows share `overlap` frames. Each shared frame's confident pixels, unprojected with their depth
 and camera in both windows, give the same surface points in both frames; a robust similarity between those
 point sets (`similarity.align_points`) carries the new window into the frame of the first window, where its
-cameras, depth maps and point maps are expressed. A shared frame keeps the earlier window's prediction.
+cameras, depth maps and point maps are expressed (each window is placed on the one before it). A shared frame
+keeps the earlier window's prediction.
 
 Windows follow the sorted image order, so they suit captures whose neighbours in name order see the same
 scene (video frames, walk-throughs, orbits taken in order). Chaining leaves some drift over many windows;
@@ -14,6 +15,7 @@ the matches and bundle adjustment of the reconstruction correct it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 import pycolmap
@@ -138,20 +140,32 @@ def transform_predictions(predictions: Predictions, sim: pycolmap.Sim3d) -> Pred
     )
 
 
-def append_window(merged: Predictions, window: Predictions) -> Predictions:
-    """`merged` plus the frames of `window` it lacks, carried into merged's frame by their similarity."""
-    placed = transform_predictions(window, window_similarity(merged, window))
-    known = set(merged.image_names)
-    new = placed.subset([name for name in placed.image_names if name not in known])
+def chain_windows(windows: Iterable[Predictions]) -> Predictions:
+    """One Predictions of all frames, in the first window's frame: each window is placed by its similarity to the
+    window before it (already placed), and contributes the frames not seen before. `windows` may be a generator
+    (`predict` runs VGGT lazily); each frame's maps are copied once, at the end."""
+    parts: list[Predictions] = []
+    known: set[str] = set()
+    previous = None
+    for window in windows:
+        placed = window if previous is None else transform_predictions(window, window_similarity(previous, window))
+        new = [name for name in placed.image_names if name not in known]
+        parts.append(placed if len(new) == placed.num_frames else placed.subset(new))
+        known.update(new)
+        previous = placed
+    if not parts:
+        raise ValueError("no window to chain")
+    if len(parts) == 1:
+        return parts[0]
 
-    def join(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None or b is None else np.concatenate([a, b])
+    def join(key: str) -> np.ndarray | None:
+        values = [getattr(part, key) for part in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
 
-    maps = {key: join(getattr(merged, key), getattr(new, key)) for key in OPTIONAL_MAPS}
     return Predictions(
-        image_names=merged.image_names + new.image_names,
-        cam_from_world=np.concatenate([merged.cam_from_world, new.cam_from_world]),
-        intrinsics=np.concatenate([merged.intrinsics, new.intrinsics]),
-        grid_from_image=join(merged.grid_from_image, new.grid_from_image),
-        **maps,
+        image_names=[name for part in parts for name in part.image_names],
+        cam_from_world=join("cam_from_world"),
+        intrinsics=join("intrinsics"),
+        grid_from_image=join("grid_from_image"),
+        **{key: join(key) for key in OPTIONAL_MAPS},
     )
