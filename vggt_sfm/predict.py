@@ -53,10 +53,17 @@ class MemoryEstimate:
     dpt_per_frame: int  # a DPT head's working memory for one frame of the chunk it decodes
     dpt_chunk: int  # frames a DPT head decodes at once
     available: int | None  # None: unknown (no check)
+    # Output maps of one frame held in the same memory until all windows are joined (on CPU; a GPU hands them to
+    # the host after each window).
+    maps_per_frame: int = 0
 
-    def needed(self, num_frames: int) -> int:
+    def needed(self, num_frames: int, total_frames: int | None = None) -> int:
+        """Bytes for one pass over `num_frames` frames; with `total_frames`, windows of that many over all of
+        them (the other frames' maps are kept, and copied once when the windows are joined)."""
         chunk = min(num_frames, self.dpt_chunk)
-        return self.weights + self.fixed + num_frames * self.per_frame + chunk * self.dpt_per_frame
+        pass_bytes = self.weights + self.fixed + num_frames * self.per_frame + chunk * self.dpt_per_frame
+        others = max((total_frames or num_frames) - num_frames, 0)
+        return pass_bytes + 2 * others * self.maps_per_frame
 
     def max_frames(self) -> int | None:
         """How many frames fit in the usable memory, or None when the free memory is unknown."""
@@ -178,9 +185,11 @@ def estimate_memory(
     tokens = 1 + config.num_register_tokens + (height // patch) * (width // patch)
     per_frame = AGGREGATOR_FLOATS_PER_TOKEN_CHANNEL * tokens * config.embed_dim * 4
     dpt_per_frame = 0
+    maps_per_frame = 0
     if "depth" in heads or "point" in heads:
         dpt_per_frame = DPT_FLOATS_PER_PIXEL * width * height * 4
         per_frame += 4 * 4 * width * height  # the depth/point maps and their confidences kept per frame
+        maps_per_frame = 4 * width * height * (2 * ("depth" in heads) + 4 * ("point" in heads))
     return MemoryEstimate(
         weights=weights,
         per_frame=per_frame,
@@ -188,35 +197,44 @@ def estimate_memory(
         dpt_per_frame=dpt_per_frame,
         dpt_chunk=int(config.dpt_frames_chunk_size) if config.dpt_frames_chunk_size else 1 << 30,  # none: all at once
         available=available_memory(device),
+        maps_per_frame=maps_per_frame if device.type == "cpu" else 0,
     )
 
 
 def _check_fits(
-    estimate: MemoryEstimate, num_frames: int, device: torch.device, max_frames: int | None, windowed: bool = False
+    estimate: MemoryEstimate, num_frames: int, device: torch.device, max_frames: int | None, total_frames: int
 ) -> None:
-    """Refuse (UserError) when `num_frames` frames in one pass exceed `max_frames` or the free memory."""
+    """Refuse (UserError) when `total_frames` exceed `max_frames`, or when passes over `num_frames` frames (windows
+    when fewer than `total_frames`) exceed the free memory."""
     gb = 2.0**30
     if max_frames is not None:
-        if num_frames > max_frames:
-            raise UserError(f"{num_frames} images but at most {max_frames} frames are allowed (max_frames); pass fewer images")
+        if total_frames > max_frames:
+            raise UserError(f"{total_frames} images but at most {max_frames} frames are allowed (max_frames); pass fewer images")
         return
     fit = estimate.max_frames()
     if fit is None:
         return
+    windowed = num_frames < total_frames
+    gpu_hint = " or use a GPU" if device.type == "cpu" else ""
     if num_frames > fit:
         what = f"a window of {num_frames} frames needs" if windowed else f"{num_frames} frames need"
         hint = f"; use a smaller --window (at most {fit})" if windowed else "; pass fewer images"
         if not windowed and fit >= 2:
             hint += f" or predict in overlapping windows (--window {fit})"
-        if device.type == "cpu":
-            hint += " or use a GPU"
         raise UserError(
             f"{what} about {estimate.needed(num_frames) / gb:.1f} GB for VGGT on {device}, "
-            f"but {estimate.available / gb:.1f} GB are free: about {fit} frames fit{hint}"
+            f"but {estimate.available / gb:.1f} GB are free: about {fit} frames fit{hint}{gpu_hint}"
+        )
+    needed = estimate.needed(num_frames, total_frames)
+    if needed > estimate.available * USABLE_FRACTION:
+        raise UserError(
+            f"windows of {num_frames} frames over {total_frames} images need about {needed / gb:.1f} GB on {device} "
+            f"(the depth maps of every frame are kept), but {estimate.available / gb:.1f} GB are free; "
+            f"pass fewer images{gpu_hint}"
         )
     logger.info(
-        "VGGT on %d frames needs about %.1f GB of %.1f GB free on %s (up to about %d frames fit)",
-        num_frames, estimate.needed(num_frames) / gb, estimate.available / gb, device, fit,
+        "VGGT on %d frames needs about %.1f GB of %.1f GB free on %s (up to about %d frames fit in one pass)",
+        total_frames, needed / gb, estimate.available / gb, device, fit,
     )
 
 
@@ -305,7 +323,7 @@ def predict(
     config = getattr(model, "config", None) or VGGTConfig()
     estimate = estimate_memory(config, grid_size, run_heads, torch_device, weights_loaded=model is not None)
     largest = max(stop - start for start, stop in ranges)
-    _check_fits(estimate, len(names) if max_frames is not None else largest, torch_device, max_frames, len(ranges) > 1)
+    _check_fits(estimate, largest, torch_device, max_frames, len(names))
 
     if model is None:
         model = load_model(weights, download, heads=run_heads)
