@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,9 +54,8 @@ def run_set(set_name: str, windows: list[tuple[int, int]]) -> list[dict]:
     root = DATASETS / SETS[set_name]
     images, gt_path = root / "images", root / "gt"
     gt = read_ground_truth(gt_path)
-    with tempfile.TemporaryDirectory(prefix="bench_windows_"):
-        # The depth maps come from a reconstruction of the set (its points), made from the benchmark's prior.
-        depth_model = vggt_sfm.run(images, predictions=simulated_prior(gt_path, outlier=False), progress=False).reconstruction
+    # The depth maps come from a reconstruction of the set (its points), made from the benchmark's prior.
+    depth_model = vggt_sfm.run(images, predictions=simulated_prior(gt_path, outlier=False), progress=False).reconstruction
     priors = {"one pass": simulate_prior(gt, level=PRIOR_LEVEL, seed=WINDOW_SEED, depth_from=depth_model)}
     rows = []
     for window, overlap in windows:

@@ -530,8 +530,7 @@ def refine_fundamental(
     if not np.isfinite(norm) or norm == 0:
         # A degenerate fit (a focal length driven to 0 or infinity makes every Sampson distance vanish, and F
         # itself overflows): it must not pass every match as an inlier; the prior's own F stands instead.
-        F = _corrected_fundamentals(np.zeros((1, 8)), K_i, K_j, R0, t0)[0]
-        norm = np.linalg.norm(F)
+        return fundamental_matrix(K_i, K_j, cam_j_from_cam_i)
     return F / norm
 
 

@@ -309,8 +309,6 @@ def predict(
     run_heads = parse_heads(heads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if window < 0:
-        raise UserError(f"window must be 0 (one pass over all frames) or at least 2, got {window}")
     if window and "depth" not in run_heads:
         raise UserError("predicting in windows needs the depth head (windows are aligned by their depth); add depth to --heads")
     infos = scan_images(images_dir, list_images(images_dir), min_images=1)

@@ -131,7 +131,7 @@ def transform_predictions(predictions: Predictions, sim: pycolmap.Sim3d) -> Pred
     return Predictions(
         image_names=list(predictions.image_names),
         cam_from_world=cam_from_world,
-        intrinsics=predictions.intrinsics.copy(),
+        intrinsics=predictions.intrinsics,
         grid_from_image=predictions.grid_from_image,
         depth=depth,
         depth_conf=predictions.depth_conf,
