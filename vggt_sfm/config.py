@@ -1,6 +1,6 @@
 """The configuration of a whole run: one small dataclass per stage, and the named presets in `pipelines/`.
 
-A preset is a TOML file with one table per stage (`[features]`, `[pairs]`, `[matching]`, `[tracks]`,
+A preset is a TOML file with one table per stage (`[features]`, `[pairs]`, `[matching]`, `[view_graph]`, `[tracks]`,
 `[mapping]`, `[refine]`, `[predict]`, `[output]`); any key it leaves out keeps the stage's default. Unknown keys
 and wrong types are errors naming the key, so a typo never passes silently.
 """
@@ -22,6 +22,7 @@ from .matching import MatchingConfig
 from .pairs import PairsConfig
 from .refine import RefineConfig
 from .tracks import TracksConfig
+from .view_graph import ViewGraphConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,6 +63,7 @@ class PipelineConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    view_graph: ViewGraphConfig = field(default_factory=ViewGraphConfig)
     tracks: TracksConfig = field(default_factory=TracksConfig)
     mapping: MappingConfig = field(default_factory=MappingConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)

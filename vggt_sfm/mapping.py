@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,13 +79,15 @@ def initialize_reconstruction(
     tracks: Tracks,
     predictions: Predictions | None = None,
     config: MappingConfig | None = None,
+    doubted: Collection[int] = (),
 ) -> tuple[pycolmap.Reconstruction, MappingReport]:
     """Build the initial reconstruction from the prior cameras and the tracks.
 
     Image ids are frame index + 1; camera ids are 1 (shared) or frame index + 1. Point colours come from the
     keypoint colours of `features` (grey without them). Frames whose prior pose disagrees with their matches are
     re-localised; frames left with too few observations keep the prior pose and are listed in
-    `report.not_refined`.
+    `report.not_refined`. `doubted` frames (e.g. repaired by the view graph) are re-localised first, on the
+    points of the other frames, whatever their errors say.
     """
     start = time.perf_counter()
     config = config or MappingConfig()
@@ -104,7 +107,7 @@ def initialize_reconstruction(
 
     if config.relocalize:
         relocalized_obs, relocalized_poses, relocalized, failed = _relocalize(
-            obs, poses.copy(), cameras, prior, diagonal, config, report
+            obs, poses.copy(), cameras, prior, diagonal, config, report, set(doubted)
         )
         far = _far_from_prior(prior, relocalized_poses, relocalized, config)
         if len(far | failed) > max(1, config.max_failed_fraction * num_images):
@@ -337,6 +340,7 @@ def _relocalize(
     diagonal: np.ndarray,
     config: MappingConfig,
     report: MappingReport,
+    doubted: set[int] | None = None,
 ) -> tuple[_Observations, np.ndarray, list[int], set[int]]:
     """Find frames whose prior pose contradicts their matches and re-localise them by RANSAC PnP, worst first.
 
@@ -380,6 +384,9 @@ def _relocalize(
                 typical = float(np.median(errors[known]))
                 far = known & (errors > config.relocalize_min_error * diagonal)
                 ratio[far] = np.maximum(ratio[far], errors[far] / max(typical, 1e-9))
+        # Doubted frames come first and stay out of the others' points until they are checked.
+        pending = sorted((doubted or set()) - checked)
+        ratio[pending] = np.maximum(ratio[pending], 1e3 * config.relocalize_error_factor)
         suspect = ratio > config.relocalize_error_factor
         suspect[list(checked)] = False
         if not suspect.any():

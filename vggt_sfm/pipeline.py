@@ -26,6 +26,7 @@ from . import matching as matching_stage
 from . import pairs as pairs_stage
 from . import refine as refine_stage
 from . import tracks as tracks_stage
+from . import view_graph as view_graph_stage
 from .cache import StageCache, file_fingerprint, stage_key
 from .config import PipelineConfig, load_preset
 from .errors import UserError
@@ -308,11 +309,17 @@ def _reconstruct_from_prior(
     verified = cached(
         "verification", verify_key, lambda: matching_stage.verify_matches(features, raw, prior, config.matching)
     )
+    checked = cached(
+        "view graph",
+        stage_key("view_graph", verify_key, config.view_graph),
+        lambda: view_graph_stage.check_prior(features, prior, raw, verified, config.matching, config.view_graph, progress),
+    )
+    prior, raw, verified = checked.prior, checked.raw, checked.verified
     with timer.stage("tracks"):
         tracks = tracks_stage.build_tracks(verified, [len(f.keypoints) for f in features], config.tracks)
     with timer.stage("initialization"), quiet_pycolmap():
         reconstruction, mapping_report = mapping_stage.initialize_reconstruction(
-            prior, features, tracks, predictions, config.mapping
+            prior, features, tracks, predictions, config.mapping, doubted=checked.failed
         )
     refine_report = None
     if config.refine.enabled:
@@ -338,6 +345,7 @@ def _reconstruct_from_prior(
             "pairs": int(len(pairs)),
             "verified_pairs": int(sum(len(m) > 0 for m in verified.matches)),
             "tracks": int(tracks.num_tracks),
+            "view_graph": _report_dict(checked.report),
             "mapping": _report_dict(mapping_report),
             "refine": _report_dict(refine_report),
         },

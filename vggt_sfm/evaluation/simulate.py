@@ -38,6 +38,7 @@ from ..observations import observation_table
 from ..predictions import Predictions, save_predictions, vggt_grid_from_image
 from ..prior import PriorCameras
 from ..similarity import align_points
+from .failure_modes import FailureModes, FailureReport, apply_camera_failures, apply_depth_failures
 from .metrics import ALIGNMENT_INLIER_FRACTION, cameras_from_reconstruction, read_ground_truth
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ def simulate_prior(
     outlier_rotation_deg: float = OUTLIER_ROTATION_DEG,
     preprocess: str = "crop",
     depth_from: pycolmap.Reconstruction | str | Path | None = None,
+    failure_modes: FailureModes | str | None = None,
+    report: FailureReport | None = None,
 ) -> Predictions:
     """A noisy copy of the ground-truth cameras as `Predictions`, in a random similarity frame.
 
@@ -198,6 +201,8 @@ def simulate_prior(
     rotation error of exactly `outlier_rotation_deg` about a random axis instead of the level's rotation noise.
     The same seed gives the same prior (with or without depth). `depth_from`, a model with 3D points of the same
     images, adds simulated depth maps and confidences on the prediction grid (see the module docstring).
+    `failure_modes` (a `FailureModes` or mode names, see `failure_modes.py`) add VGGT's structured errors on top
+    of the iid noise, which stays the same draw; `report`, when given, is filled with what they did.
     """
     gt = ground_truth if isinstance(ground_truth, PriorCameras) else read_ground_truth(ground_truth)
     order = np.argsort(gt.image_names)
@@ -222,9 +227,22 @@ def simulate_prior(
     if outlier_ids:
         delta_R[outlier_ids] = _rotations_about_random_axes(rng, np.full(len(outlier_ids), outlier_rotation_deg))
 
+    modes = FailureModes.named(failure_modes) if isinstance(failure_modes, str) else failure_modes
+    modes = modes if modes is not None and not modes.is_empty() else None
+    # The failure modes draw from a generator of their own: the iid noise above is the same draw without them.
+    failure_rng = np.random.default_rng([seed, 7])
+    R_true, centers_true, focal_bias = R_gt, centers_gt, 1.0
+    failures = FailureReport()
+    if modes is not None:
+        R_true, centers_true, focal_bias, failures = apply_camera_failures(
+            modes, failure_rng, names, R_gt, centers_gt, gt.scene_scale()
+        )
+    if report is not None:
+        report.__dict__.update(failures.__dict__)
+
     # Perturb in the camera frame, then re-express in the new world: X' = s Rw X + tw, so R' = R Rw^T.
-    R = delta_R @ R_gt @ world_R.T
-    centers = world_scale * (centers_gt + center_noise) @ world_R.T + world_t
+    R = delta_R @ R_true @ world_R.T
+    centers = world_scale * (centers_true + center_noise) @ world_R.T + world_t
     t = -np.einsum("sij,sj->si", R, centers)
     cam_from_world = np.concatenate([R, t[:, :, None]], axis=2)
 
@@ -234,7 +252,7 @@ def simulate_prior(
     K_true[:, 1, 2] -= 0.5
     grid_from_image, (grid_w, grid_h) = vggt_grid_from_image([tuple(map(int, s)) for s in sizes], preprocess)
     K_grid = grid_from_image @ K_true
-    K_grid[:, :2, :2] *= focal_factor[:, None, None]
+    K_grid[:, :2, :2] *= (focal_bias * focal_factor)[:, None, None]
     K_grid[:, 0, 2] = grid_w / 2.0
     K_grid[:, 1, 2] = grid_h / 2.0
 
@@ -248,6 +266,10 @@ def simulate_prior(
         ]
         depth = world_scale * np.stack([d for d, _ in maps])
         depth_conf = np.stack([c for _, c in maps])
+        if failures.frame_scales is not None:
+            depth *= failures.frame_scales[:, None, None].astype(depth.dtype)
+        if modes is not None:
+            depth, depth_conf = apply_depth_failures(modes, failure_rng, depth, depth_conf)
 
     return Predictions(
         image_names=names,
