@@ -80,6 +80,7 @@ def initialize_reconstruction(
     predictions: Predictions | None = None,
     config: MappingConfig | None = None,
     doubted: Collection[int] = (),
+    unconfirmed: Collection[int] = (),
 ) -> tuple[pycolmap.Reconstruction, MappingReport]:
     """Build the initial reconstruction from the prior cameras and the tracks.
 
@@ -87,7 +88,8 @@ def initialize_reconstruction(
     keypoint colours of `features` (grey without them). Frames whose prior pose disagrees with their matches are
     re-localised; frames left with too few observations keep the prior pose and are listed in
     `report.not_refined`. `doubted` frames (e.g. repaired by the view graph) are re-localised first, on the
-    points of the other frames, whatever their errors say.
+    points of the other frames, whatever their errors say; `unconfirmed` ones too (their pose contradicts their
+    matches and could not be repaired), and those that PnP cannot place are not refined.
     """
     start = time.perf_counter()
     config = config or MappingConfig()
@@ -107,16 +109,20 @@ def initialize_reconstruction(
 
     if config.relocalize:
         relocalized_obs, relocalized_poses, relocalized, failed = _relocalize(
-            obs, poses.copy(), cameras, prior, diagonal, config, report, set(doubted)
+            obs, poses.copy(), cameras, prior, diagonal, config, report, set(doubted) | set(unconfirmed),
+            set(unconfirmed),
         )
         far = _far_from_prior(prior, relocalized_poses, relocalized, config)
-        if len(far | failed) > max(1, config.max_failed_fraction * num_images):
+        # The view graph's unconfirmed frames are judged by their own evidence, not by this count.
+        if len((far | failed) - set(unconfirmed)) > max(1, config.max_failed_fraction * num_images):
             logger.warning(
                 "the matches disagree with the predicted poses of %d of %d images, too many to be failed "
                 "predictions: the matches are too weak to judge them (weak texture?); keeping every predicted pose",
                 len(far | failed), num_images,
             )  # fmt: skip
-            relocalized, failed, far = [], set(), set()
+            relocalized, failed, far = [], set(unconfirmed), set()
+            if failed:  # still contradicted by their matches: out of the structure, not refined
+                obs = obs.select(~np.isin(obs.image, sorted(failed)))
         else:
             obs, poses = relocalized_obs, relocalized_poses
         report.relocalized = [prior.image_names[i] for i in relocalized if i in far]
@@ -341,6 +347,7 @@ def _relocalize(
     config: MappingConfig,
     report: MappingReport,
     doubted: set[int] | None = None,
+    unconfirmed: set[int] | None = None,
 ) -> tuple[_Observations, np.ndarray, list[int], set[int]]:
     """Find frames whose prior pose contradicts their matches and re-localise them by RANSAC PnP, worst first.
 
@@ -413,6 +420,14 @@ def _relocalize(
             )  # fmt: skip
             poses[i] = pose
             relocalized.append(i)
+            changed = True
+        elif i in (unconfirmed or ()):
+            logger.warning(
+                "%s: the predicted pose contradicts its matches and re-localisation failed; it is kept, not refined",
+                prior.image_names[i],
+            )
+            failed.add(i)
+            obs = obs.select(obs.image != i)
             changed = True
         elif pose is None and ratio[i] > 2 * config.relocalize_error_factor:
             logger.warning(

@@ -319,7 +319,8 @@ def _reconstruct_from_prior(
         tracks = tracks_stage.build_tracks(verified, [len(f.keypoints) for f in features], config.tracks)
     with timer.stage("initialization"), quiet_pycolmap():
         reconstruction, mapping_report = mapping_stage.initialize_reconstruction(
-            prior, features, tracks, predictions, config.mapping, doubted=checked.failed
+            prior, features, tracks, predictions, config.mapping, doubted=checked.failed,
+            unconfirmed=checked.unconfirmed,
         )
     refine_report = None
     if config.refine.enabled:

@@ -71,7 +71,8 @@ class CheckedPrior:
     prior: PriorCameras
     raw: PairMatches
     verified: VerifiedMatches
-    failed: list[int]  # frame indices whose prediction failed, repaired or not (to be re-localised first)
+    failed: list[int]  # frames whose prediction failed and was repaired (to be re-localised first)
+    unconfirmed: list[int]  # frames contradicted by their matches that could not be repaired
     report: ViewGraphReport
 
 
@@ -141,14 +142,15 @@ def repair_rotations(
     R: np.ndarray, pairs: np.ndarray, poses: list[pycolmap.Rigid3d | None], inliers: np.ndarray,
     config: ViewGraphConfig,
 ) -> tuple[np.ndarray, list[int], np.ndarray]:
-    """Find the frames whose rotation contradicts most of their pairs and re-derive it from their neighbours.
+    """Find the frames whose rotation contradicts their pairs and re-derive it from trusted neighbours.
 
-    A frame's evidence is the median, over its pairs, of the angle between the pair's measured relative
-    rotation and the one the current rotations imply. Local on purpose: a focal-length bias or a drift bends
-    long chains of relative rotations (so a global average would move sound frames), but hardly one pair.
-    The worst frame is repaired first, from the neighbours not under suspicion (each gives R_i = R_ji^T R_j;
-    at least two must agree), and then counts as sound for the next. Returns the rotations, the repaired
-    frames in order, and the frames still suspect that could not be repaired (bool (S,)).
+    A frame's evidence is the median, over its pairs, of the angle between the pair's measured relative rotation
+    and the one the predicted rotations imply. Local on purpose: a focal-length bias or a drift bends long chains
+    of relative rotations (so a global average would move sound frames), but hardly one pair. Frames whose
+    evidence is within `failed_rotation_deg` are trusted; trust then spreads to the frame with the most trusted
+    neighbours that agree (each gives R_i = R_ji^T R_j; at least two must agree): its rotation is kept when it
+    agrees with them, or replaced by theirs (repaired). Returns the rotations, the repaired frames in order, and
+    the frames never trusted (bool (S,)): contradicted by their pairs, with too few agreeing neighbours.
     """
     R = R.copy()
     num = len(R)
@@ -159,50 +161,52 @@ def repair_rotations(
             incident[int(i)].append(k)
             incident[int(j)].append(k)
 
-    def residuals(frame: int) -> np.ndarray:
-        values = []
-        for k in incident[frame]:
-            i, j = pairs[k]
-            values.append(_rotation_angles_deg(measured[k][None], (R[j] @ R[i].T)[None])[0])
-        return np.array(values)
+    def evidence(frame: int) -> float:
+        values = [
+            _rotation_angles_deg(measured[k][None], (R[pairs[k, 1]] @ R[pairs[k, 0]].T)[None])[0]
+            for k in incident[frame]
+        ]
+        return float(np.median(values)) if values else 0.0
 
-    def evidence() -> np.ndarray:
-        return np.array([np.median(residuals(i)) if incident[i] else 0.0 for i in range(num)])
-
-    repaired: list[int] = []
-    unrepairable = np.zeros(num, dtype=bool)
-    for _ in range(num):
-        score = evidence()
-        suspect = score > config.failed_rotation_deg
-        candidates = np.flatnonzero(suspect & ~unrepairable)
-        if not len(candidates):
-            break
-        i = int(candidates[np.argmax(score[candidates])])
+    def from_neighbours(frame: int) -> tuple[np.ndarray | None, float]:
+        """The rotation the trusted neighbours agree on, and their support (inliers)."""
         implied, weights = [], []
-        for k in incident[i]:
+        for k in incident[frame]:
             a, b = (int(v) for v in pairs[k])
-            other = b if a == i else a
-            if suspect[other]:
-                continue
-            # R_b = R_ba R_a: from a neighbour b, R_i = R_bi^T R_b; from a neighbour a, R_i = R_ai R_a.
-            implied.append(measured[k].T @ R[other] if a == i else measured[k] @ R[other])
-            weights.append(float(inliers[k]))
-        estimate = None
-        if len(implied) >= 2:
-            implied, weights = np.array(implied), np.array(weights)
-            estimate = _chordal_mean(implied, weights)
-            agree = _rotation_angles_deg(implied, np.repeat(estimate[None], len(implied), 0)) <= 0.5 * config.failed_rotation_deg
-            if agree.sum() >= 2:
-                estimate = _chordal_mean(implied[agree], weights[agree])
-            else:
-                estimate = None
-        if estimate is None:
-            unrepairable[i] = True
-            continue
-        R[i] = estimate
-        repaired.append(i)
-    still = (evidence() > config.failed_rotation_deg) & unrepairable
-    return R, repaired, still
+            other = b if a == frame else a
+            if trusted[other]:
+                # R_b = R_ba R_a: from a neighbour b, R_i = R_ba^T R_b; from a neighbour a, R_i = R_ab R_a.
+                implied.append(measured[k].T @ R[other] if a == frame else measured[k] @ R[other])
+                weights.append(float(inliers[k]))
+        if len(implied) < 2:
+            return None, 0.0
+        implied, weights = np.array(implied), np.array(weights)
+        estimate = _chordal_mean(implied, weights)
+        for _ in range(2):  # the neighbours that agree decide (a wrong pair among them does not)
+            agree = _rotation_angles_deg(implied, np.repeat(estimate[None], len(implied), 0)) <= config.failed_rotation_deg
+            if agree.sum() < 2:
+                return None, 0.0
+            estimate = _chordal_mean(implied[agree], weights[agree])
+        return estimate, float(weights[agree].sum())
+
+    trusted = np.array([evidence(i) <= config.failed_rotation_deg for i in range(num)])
+    logger.debug("view graph evidence: %s", [round(evidence(i), 1) for i in range(num)])
+    if not trusted.any():
+        return R, [], np.zeros(num, dtype=bool)  # nothing to anchor on: the prediction stands
+    repaired: list[int] = []
+    while True:
+        best, best_support, best_rotation = -1, 0.0, None
+        for i in np.flatnonzero(~trusted):
+            estimate, support = from_neighbours(int(i))
+            if estimate is not None and support > best_support:
+                best, best_support, best_rotation = int(i), support, estimate
+        if best < 0:
+            break
+        if _rotation_angles_deg(best_rotation[None], R[best][None])[0] > config.failed_rotation_deg:
+            R[best] = best_rotation
+            repaired.append(best)
+        trusted[best] = True
+    return R, repaired, ~trusted
 
 
 def _pair_rotation_errors(R: np.ndarray, pairs: np.ndarray, poses: list[pycolmap.Rigid3d | None]) -> np.ndarray:
@@ -264,7 +268,7 @@ def check_prior(
     num = prior.num_images
     report = ViewGraphReport()
     if not config.enabled or num < 3:
-        return CheckedPrior(prior, raw, verified, [], report)
+        return CheckedPrior(prior, raw, verified, [], [], report)
 
     searched = weak_frames(verified, num, config)
     if searched:
@@ -275,8 +279,8 @@ def check_prior(
         logger.info("searched %d weakly verified frame(s) against every image: %d pairs, %d verified",
                     len(searched), extra, extra_verified)  # fmt: skip
 
-    poses = relative_poses(features, verified, prior, config.num_workers)
     inliers = np.array([len(m) for m in verified.matches], dtype=int)
+    poses = relative_poses(features, verified, prior, config.num_workers)
     predicted = prior.cam_from_world[:, :, :3]
     rotations, failed, unrepaired = repair_rotations(predicted, verified.pairs, poses, inliers, config)
     report.unconnected = [prior.image_names[i] for i in np.flatnonzero(unrepaired)]
@@ -308,7 +312,7 @@ def check_prior(
         for i in failed:
             logger.warning("%s: the predicted rotation was %.0f degrees off its matches; repaired from its neighbours",
                            prior.image_names[i], change[i])  # fmt: skip
-    return CheckedPrior(repaired, raw, verified, sorted(set(failed) | set(np.flatnonzero(unrepaired).tolist())), report)
+    return CheckedPrior(repaired, raw, verified, sorted(failed), np.flatnonzero(unrepaired).tolist(), report)
 
 
 def _select_pairs(verified: VerifiedMatches, keep: np.ndarray) -> VerifiedMatches:
