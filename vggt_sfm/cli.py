@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--outlier-frames", type=int, default=0, help="frames given a 20-degree rotation error")
     sim.add_argument("--depth-from", help="COLMAP model with 3D points of the same images: add simulated depth maps")
+    sim.add_argument("--failure-modes", default="", help="VGGT's structured errors to add, comma-separated: focal-bias, "
+                     "drift, bad-frames, flipped, depth, or all (see vggt_sfm/evaluation/failure_modes.py)")
     return parser
 
 
@@ -215,9 +217,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     write_simulated_prior(
         gt=args.gt, images=args.images, output=args.output, level=args.level, seed=args.seed,
-        outlier_frames=args.outlier_frames, depth_from=args.depth_from,
+        outlier_frames=args.outlier_frames, depth_from=args.depth_from, failure_modes=args.failure_modes or None,
     )
     depth = ", depth rendered from " + args.depth_from if args.depth_from else ""
+    depth += f", failure modes {args.failure_modes}" if args.failure_modes else ""
     print(f"wrote {args.output} (SIMULATED prior, level {args.level}{depth})")
     return 0
 

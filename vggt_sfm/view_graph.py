@@ -47,8 +47,10 @@ class ViewGraphConfig:
     # The averaged rotation of a frame farther than this from its prediction: the prediction failed (VGGT's iid
     # error is a few degrees; its failures are tens).
     failed_rotation_deg: float = 10.0
-    # A verified pair whose relative rotation is this far from the averaged rotations' is dropped.
-    max_pair_rotation_error_deg: float = 10.0
+    # A searched pair whose relative rotation is this far from the one the (repaired) rotations imply is dropped:
+    # symmetric or repeated structure, as the RANSAC fallback's check (matching.max_ransac_rotation_deg). Not
+    # nearer: a drifting prior is 10 degrees off on sound pairs.
+    max_pair_rotation_error_deg: float = 30.0
     min_pair_inliers: int = 15  # pairs with fewer inliers do not enter the rotation averaging
     num_workers: int = 0
 
@@ -271,6 +273,7 @@ def check_prior(
         return CheckedPrior(prior, raw, verified, [], [], report)
 
     searched = weak_frames(verified, num, config)
+    checked_before = verified.num_pairs  # pairs verified under the prior; the searched ones follow
     if searched:
         raw, verified, extra, extra_verified = _search_again(features, prior, raw, verified, searched, matching, config,
                                                              progress)  # fmt: skip
@@ -285,9 +288,11 @@ def check_prior(
     rotations, failed, unrepaired = repair_rotations(predicted, verified.pairs, poses, inliers, config)
     report.unconnected = [prior.image_names[i] for i in np.flatnonzero(unrepaired)]
 
-    # Pairs that contradict the rotations go (symmetric or repeated structure that RANSAC alone accepted).
+    # Searched pairs that contradict the rotations go (symmetric or repeated structure that RANSAC alone
+    # accepted); the pairs the prior verified stay (an essential matrix of a near-planar pair can be the wrong one).
     errors = _pair_rotation_errors(rotations, verified.pairs, poses)
-    keep = ~(np.isfinite(errors) & (errors > config.max_pair_rotation_error_deg))
+    searched_pair = np.arange(verified.num_pairs) >= checked_before
+    keep = ~(searched_pair & np.isfinite(errors) & (errors > config.max_pair_rotation_error_deg))
     report.dropped_pairs = int((~keep).sum())
     if report.dropped_pairs:
         verified = _select_pairs(verified, keep)

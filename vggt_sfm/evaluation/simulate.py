@@ -15,7 +15,10 @@ confidence is high at rendered pixels and falls off with the distance to them. I
 with the similarity's scale. This is a SIMULATED depth: exact at the points, piecewise constant between them.
 
 Usage: python -m vggt_sfm.evaluation.simulate --gt GT_MODEL --images IMAGES --level vggt --seed 0 --output prior.npz
-       [--depth-from MODEL_WITH_POINTS]
+       [--depth-from MODEL_WITH_POINTS] [--failure-modes focal-bias,drift,bad-frames,flipped,depth|all]
+
+VGGT's structured errors (a shared focal bias, drift, many bad frames, flipped frames, inconsistent depth) are
+added by `failure_modes.py` on top of the iid noise.
 """
 
 from __future__ import annotations
@@ -289,11 +292,13 @@ def write_simulated_prior(
     seed: int = 0,
     outlier_frames: int | Sequence[int | str] = (),
     depth_from: pycolmap.Reconstruction | Path | str | None = None,
+    failure_modes: FailureModes | str | None = None,
 ) -> Predictions:
     """Simulate a prior for the ground-truth model `gt` of the photos in `images`, and save it to `output`.
 
     The photos' real sizes must match the ground-truth cameras, so the prior's grid mapping fits them.
-    `outlier_frames` and `depth_from`: as `outliers` and `depth_from` of `simulate_prior`.
+    `outlier_frames`, `depth_from` and `failure_modes`: as `outliers`, `depth_from` and `failure_modes` of
+    `simulate_prior`.
     """
     cameras = read_ground_truth(gt)
     infos = {info.name: info for info in scan_images(Path(images))}
@@ -309,7 +314,9 @@ def write_simulated_prior(
                 f"image {name} is {info.width}x{info.height} but its ground-truth camera is {width}x{height} "
                 "(the model belongs to other images)"
             )
-    predictions = simulate_prior(cameras, level=level, seed=seed, outliers=outlier_frames, depth_from=depth_from)
+    predictions = simulate_prior(
+        cameras, level=level, seed=seed, outliers=outlier_frames, depth_from=depth_from, failure_modes=failure_modes
+    )
     save_predictions(predictions, output)
     return predictions
 
@@ -332,12 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--depth-from", type=Path, help="a COLMAP model with 3D points of the same images: render simulated depth from it"
     )
+    parser.add_argument("--failure-modes", default="", help="structured errors to add: focal-bias, drift, bad-frames, "
+                        "flipped, depth (comma-separated) or all")
     args = parser.parse_args(argv)
     outliers: int | list[str] = [item for item in args.outliers.split(",") if item] or args.outlier_frames
     try:
         predictions = write_simulated_prior(
             gt=args.gt, images=args.images, output=args.output, level=args.level, seed=args.seed,
-            outlier_frames=outliers, depth_from=args.depth_from,
+            outlier_frames=outliers, depth_from=args.depth_from, failure_modes=args.failure_modes or None,
         )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

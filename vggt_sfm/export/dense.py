@@ -36,6 +36,11 @@ class DenseConfig:
     min_fit_points: int = 8  # sparse observations an image needs for the fit
     voxel_size: float | None = None  # None: chosen so that about `max_points` voxels remain
     max_candidates: int = 4_000_000  # pixels are subsampled on a regular grid above this many
+    # Multi-view consistency: a point is kept unless the fitted depth of every one of the (up to) `check_views`
+    # nearest other views that see it disagrees with it by more than `max_view_disagreement` (relative). VGGT is
+    # confident in places where it is wrong (sky, reflections); another view's depth there rarely agrees.
+    check_views: int = 4
+    max_view_disagreement: float = 0.05
     seed: int = 0
 
 
@@ -58,6 +63,7 @@ class DensePoints:
     fits: dict[str, DepthFit] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # image name -> why it gave no points
     voxel_size: float = 0.0
+    inconsistent: int = 0  # candidate points dropped: every other view that sees them disagrees
 
 
 def fit_depth(predicted: np.ndarray, refined: np.ndarray, fit_shift: bool = False) -> DepthFit | None:
@@ -180,6 +186,38 @@ def _unproject_image(
     return image.cam_from_world().inverse() * points_cam, xy
 
 
+def _confirmed_by_other_views(
+    predictions: Predictions, frame_of: dict[str, int], reconstruction: pycolmap.Reconstruction,
+    image: pycolmap.Image, sources: list[pycolmap.Image], fits: dict[str, DepthFit], xyz: np.ndarray,
+    config: DenseConfig,
+) -> np.ndarray:
+    """(N,) bool: the points of `image` that no checked view contradicts (unseen by the others: kept)."""
+    center = image.projection_center()
+    others = sorted((o for o in sources if o.image_id != image.image_id),
+                    key=lambda o: np.linalg.norm(o.projection_center() - center))[: config.check_views]  # fmt: skip
+    checked = np.zeros(len(xyz), dtype=bool)
+    agreed = np.zeros(len(xyz), dtype=bool)
+    for other in others:
+        camera = reconstruction.cameras[other.camera_id]
+        points_cam = other.cam_from_world() * xyz
+        z = points_cam[:, 2]
+        ahead = z > 0
+        xy = np.full((len(xyz), 2), -1.0)
+        if ahead.any():
+            xy[ahead] = camera.img_from_cam(points_cam[ahead])
+        inside = ahead & (xy[:, 0] >= 0) & (xy[:, 0] <= camera.width) & (xy[:, 1] >= 0) & (xy[:, 1] <= camera.height)
+        if not inside.any():
+            continue
+        fit = fits[other.name]
+        depth, confidence = predictions.sample_depth(frame_of[other.name], xy[inside])
+        seen = (depth > 0) & (confidence >= config.min_confidence)
+        rows = np.flatnonzero(inside)[seen]
+        expected = fit.scale * depth[seen] + fit.shift
+        checked[rows] = True
+        agreed[rows] |= np.abs(expected - z[rows]) <= config.max_view_disagreement * z[rows]
+    return agreed | ~checked
+
+
 def dense_points(
     predictions: Predictions,
     reconstruction: pycolmap.Reconstruction,
@@ -213,7 +251,7 @@ def dense_points(
     grid_v, grid_u = np.mgrid[0:grid_h:stride, 0:grid_w:stride]
     grid = np.stack([grid_u.reshape(-1), grid_v.reshape(-1), np.ones(grid_u.size)], axis=1).astype(np.float64)
 
-    all_xyz, all_rgb = [], []
+    all_xyz, all_rgb, sources = [], [], []
     for image in images:
         frame = frame_of[image.name]
         fit = _fit_image(predictions, frame, reconstruction, image, config)
@@ -231,11 +269,20 @@ def dense_points(
         rows = np.clip(np.floor(xy[:, 1]).astype(int), 0, pixels.shape[0] - 1)
         all_xyz.append(xyz)
         all_rgb.append(pixels[rows, cols])
+        sources.append(image)
 
     for name, why in result.skipped.items():
         logger.warning("dense points: skipping %s: %s", name, why)
     if not all_xyz:
         return result
+    if config.check_views > 0 and len(sources) > 1:
+        before = sum(len(x) for x in all_xyz)
+        for k, image in enumerate(sources):
+            keep = _confirmed_by_other_views(predictions, frame_of, reconstruction, image, sources, result.fits,
+                                             all_xyz[k], config)  # fmt: skip
+            all_xyz[k], all_rgb[k] = all_xyz[k][keep], all_rgb[k][keep]
+        result.inconsistent = before - sum(len(x) for x in all_xyz)
+        logger.info("dense points: %d of %d contradicted by the other views' depth", result.inconsistent, before)
     xyz = np.concatenate(all_xyz)
     rgb = np.concatenate(all_rgb)
     voxel = 0.0
