@@ -41,7 +41,7 @@ from vggt_sfm.tracks import Tracks
 ROOT = Path(__file__).resolve().parents[1]
 FOUNTAIN = ROOT / "data" / "fountain"
 TEMPLE = ROOT / "data" / "templeSR"
-SMALL = {"features": {"max_keypoints": 512, "resize_max": 640}}
+SMALL = {"features": {"extractor": "sift", "max_keypoints": 512, "resize_max": 640}}
 SMALL_FLAGS = ["--max-keypoints", "512", "--resize-max", "640"]
 
 
