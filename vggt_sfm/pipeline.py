@@ -32,7 +32,7 @@ from .images import ImageInfo, list_images, scan_images
 from .log import quiet_pycolmap
 from .output_folder import commit_output, reserved_output
 from .outputs import check_output_requirements, write_outputs
-from .predictions import Predictions, check_image_geometry, load_predictions, match_images
+from .predictions import Predictions, check_image_geometry, load_predictions, match_images, shown_names
 from .prior import PriorCameras, prior_from_predictions
 
 logger = logging.getLogger(__name__)
@@ -144,10 +144,9 @@ def _check_names(predictions: Predictions, names: list[str], source: Path | str)
     frames = set(predictions.image_names)
     extra = sorted(frames - set(names))
     if extra and frames.issuperset(names):
-        shown = ", ".join(extra[:3]) + (" ..." if len(extra) > 3 else "")
         logger.warning(
             "predictions %s: ignoring %d of their %d frames, for images not in the images folder: %s",
-            source, len(extra), predictions.num_frames, shown,
+            source, len(extra), predictions.num_frames, shown_names(extra),
         )
     return predictions
 

@@ -409,7 +409,7 @@ def save_predictions(predictions: Predictions, path: Path | str) -> None:
     tmp.replace(path)
 
 
-def _shown(names: list[str], count: int = 3) -> str:
+def shown_names(names: list[str], count: int = 3) -> str:
     """A few names of a list, for a message."""
     return ", ".join(names[:count]) + (" ..." if len(names) > count else "")
 
@@ -421,10 +421,10 @@ def match_images(predictions: Predictions, image_names: list[str], path: Path | 
     if missing:
         wanted = set(image_names)
         others = [n for n in predictions.image_names if n not in wanted]
-        also = f"; their other frames are of {_shown(others)}" if others else ""
+        also = f"; their other frames are of {shown_names(others)}" if others else ""
         raise UserError(
             f"predictions {path} have no frame for {len(missing)} of the {len(image_names)} image(s) in the "
-            f"images folder: {_shown(missing)}{also} (predict again for this images folder, or move those images "
+            f"images folder: {shown_names(missing)}{also} (predict again for this images folder, or move those images "
             "out of it)"
         )
     return predictions.subset(image_names)
