@@ -123,5 +123,5 @@ def test_names_must_match_the_images():
     subset = match_images(pred, ["img2.png", "img0.png"], "p.npz")
     assert subset.image_names == ["img2.png", "img0.png"]
     np.testing.assert_array_equal(subset.cam_from_world[0], pred.cam_from_world[2])
-    with pytest.raises(UserError, match="no frame for 1 image"):
+    with pytest.raises(UserError, match="no frame for 1 of the 2 image"):
         match_images(pred, ["img0.png", "other.png"], "p.npz")

@@ -1,7 +1,7 @@
 """`vggt-sfm reconstruct | predict | pipelines | evaluate | simulate`.
 
 The command line only parses arguments and calls the Python API; everything it does is available from Python.
-User mistakes end with one line on stderr and exit status 2; Ctrl-C with status 130.
+User mistakes end with one line on stderr and exit status 2; Ctrl-C with status 130, SIGTERM with 143.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .signals import Terminated, terminate_as_interrupt
 
 logger = logging.getLogger("vggt_sfm")
 
@@ -241,13 +242,14 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(verbose=getattr(args, "verbose", False))
     try:
-        return COMMANDS[args.command](args)
+        with terminate_as_interrupt():
+            return COMMANDS[args.command](args)
     except UserError as error:
         print(f"vggt-sfm: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("vggt-sfm: interrupted; no results were written (rerun to resume from the cached stages)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(interrupt, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 import pycolmap
 import torch
 
+from .cache import ItemCache
 from .errors import UserError
 from .images import read_image
 from . import log
@@ -225,22 +226,38 @@ def extract_image(image: np.ndarray, config: FeatureConfig, extractor=None) -> F
 
 
 def extract_features(
-    images_dir: Path | str, image_names: list[str], config: FeatureConfig, progress: bool = True
+    images_dir: Path | str,
+    image_names: list[str],
+    config: FeatureConfig,
+    progress: bool = True,
+    store: ItemCache | None = None,
 ) -> list[Features]:
     """Detect and describe keypoints in every image, in the order of `image_names`.
 
     Images are read with `images.read_image` (EXIF orientation applied), so keypoints refer to the same pixels
-    as every other stage.
+    as every other stage. With `store`, each image's features are kept as soon as they are made and the images
+    already there are not extracted again: an interrupted extraction resumes where it stopped.
     """
     images_dir = Path(images_dir)
     extractor = _make_extractor(config)  # checks the configuration before any work
+    done: dict[str, Features] = {}
+    if store is not None:
+        for name in image_names:
+            stored, found = store.get(name)
+            if found and isinstance(stored, Features):
+                done[name] = stored
+        if done:
+            logger.info("features: %d of %d images already extracted", len(done), len(image_names))
+    todo = [name for name in image_names if name not in done]
     # COLMAP's SIFT holds the GIL, so threads would run one at a time: one process per core instead, as COLMAP
     # runs one image per core. The learned extractors run in torch, which already spreads one image over the cores.
     workers = default_workers(config.num_workers) if config.extractor == "sift" else 1
-    results = fork_map(
-        lambda name: extract_image(read_image(images_dir / name), config, extractor), image_names, workers
-    )
-    features = list(log.progress(results, desc="features", total=len(image_names), enabled=progress))
+    results = fork_map(lambda name: extract_image(read_image(images_dir / name), config, extractor), todo, workers)
+    for name, result in zip(todo, log.progress(results, desc="features", total=len(todo), enabled=progress)):
+        if store is not None:
+            store.put(name, result)
+        done[name] = result
+    features = [done[name] for name in image_names]
     logger.info(
         "%s: %d images, %.0f keypoints per image on average",
         config.extractor,
@@ -248,4 +265,3 @@ def extract_features(
         np.mean([f.num_keypoints for f in features]) if features else 0.0,
     )
     return features
-

@@ -7,7 +7,10 @@ Sizes are the oriented sizes, so they match the pixels that features and cameras
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 ORIENTATION_TAG = 0x0112  # EXIF orientation
+# Pillow refuses images above twice its warning threshold (decompression bombs); so do we, with a reason.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 
@@ -50,32 +55,49 @@ def list_images(images_dir: Path | str) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn every way a file can fail to decode into one UserError naming it.
+
+    Images up to Pillow's decompression-bomb limit (MAX_PIXELS, about 179 MP: 16000x11000) are read, above its
+    warning threshold too (a 12000x8000 photo is 96 MP; features see it downscaled to `resize_max`). Larger ones
+    are skipped: one would take over 0.5 GB in RGB per image and process, and a small file claiming such a size is
+    more often a broken or hostile one than a photo.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"image {path} is larger than the {MAX_PIXELS / 1e6:.0f} megapixels vggt-sfm reads (downscale it, or "
+            "remove it)"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
+        raise UserError(f"cannot read image {path}: {error} (replace or remove the file)") from None
+
+
 def _open_decoded(path: Path, reduce: bool = False) -> tuple[Image.Image, tuple[int, int]]:
     """An image decoded, and its full (width, height) as stored; `reduce` lets JPEG decode at 1/8 scale, which
     still reads every byte (a truncated file is still caught) at a fraction of the cost."""
-    try:
+    with _reading(path):
         image = Image.open(path)
         size = image.size
         if reduce:
             image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise UserError(f"cannot read image {path}: {error} (replace or remove the file)") from None
     return image, size
 
 
 def _png_orientation(path: Path) -> tuple[tuple[int, int], int] | None:
     """(width, height) and EXIF orientation of a PNG, checked without decoding its pixels: every chunk's CRC is
     verified, which catches a truncated or corrupt file 20x faster than a decode. None when not a PNG."""
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                return None
-            size = image.size
-            image.verify()
-            raw = image.info.get("exif")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise UserError(f"cannot read image {path}: {error} (replace or remove the file)") from None
+    with _reading(path), Image.open(path) as image:
+        if image.format != "PNG":
+            return None
+        size = image.size
+        image.verify()
+        raw = image.info.get("exif")
     orientation = 1
     if raw:
         try:

@@ -45,5 +45,13 @@ def fork_map(function: Callable[[J], R], jobs: Iterable[J], workers: int, chunks
         yield from map(function, jobs)
         return
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_install, initargs=(function,)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_install, initargs=(function,))
+    try:
         yield from pool.map(_call, jobs, chunksize=chunksize)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM, an error, the caller stopping early): drop the jobs not yet started
+        # instead of waiting for all of them.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,9 @@ from .config import PipelineConfig, load_preset
 from .errors import UserError
 from .images import ImageInfo, list_images, scan_images
 from .log import quiet_pycolmap
+from .output_folder import commit_output, reserved_output
 from .outputs import check_output_requirements, write_outputs
-from .predictions import Predictions, load_predictions, match_images
+from .predictions import Predictions, check_image_geometry, load_predictions, match_images, shown_names
 from .prior import PriorCameras, prior_from_predictions
 
 logger = logging.getLogger(__name__)
@@ -120,35 +120,6 @@ class _Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
-    """The hidden work folder for this run; refuses to touch existing results without `overwrite`."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output folder {output} already holds results; pass --overwrite or choose another --output")
-    work = output.parent / f".{output.name}.partial"
-    work.mkdir(parents=True, exist_ok=True)
-    # An interrupted run leaves its cache (to resume from) and possibly half-written files (to discard).
-    for leftover in work.iterdir():
-        if leftover.name != "cache":
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    old_cache = output / "cache"
-    if overwrite and old_cache.is_dir() and not (work / "cache").exists():
-        shutil.copytree(old_cache, work / "cache")
-    return work
-
-
-def _commit_output(work: Path, output: Path) -> None:
-    """Swap the finished work folder into place; the old results (if any) go only after the new ones are there."""
-    trash = None
-    if output.exists():
-        trash = output.parent / f".{output.name}.old-{int(time.time())}"
-        output.rename(trash)
-    work.rename(output)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def _load_inputs(
     images_dir: Path, predictions: Predictions | str | Path | None, config: PipelineConfig
 ) -> tuple[list[ImageInfo], list[str], Predictions | Path | None]:
@@ -159,19 +130,33 @@ def _load_inputs(
     if predictions is None or isinstance(predictions, Predictions):
         return infos, skipped, predictions
     path = Path(predictions)
-    sizes = {info.name: (info.width, info.height) for info in infos} if not skipped else None
+    sizes = {info.name: (info.width, info.height) for info in infos}
+    sizes.update({name: None for name in skipped})  # an official file's frames follow every image's name
     loaded = load_predictions(path, image_sizes=sizes, preprocess=config.predict.preprocess)
+    check_image_geometry(loaded, sizes, path)  # before any warning about the names: another set is one error
     return infos, skipped, _check_names(loaded, names, path)
 
 
 def _check_names(predictions: Predictions, names: list[str], source: Path | str) -> Predictions:
-    extra = sorted(set(predictions.image_names) - set(names))
-    if extra:
-        raise UserError(
-            f"predictions {source} name {len(extra)} image(s) not in the images folder, e.g. {extra[0]} "
-            "(check --images or predict again)"
+    """Predictions of images no longer in the folder (a blurry photo deleted) are ignored, with a warning.
+
+    When images lack a frame as well, `match_images` refuses with one line naming both instead.
+    """
+    frames = set(predictions.image_names)
+    extra = sorted(frames - set(names))
+    if extra and frames.issuperset(names):
+        logger.warning(
+            "predictions %s: ignoring %d of their %d frames, for images not in the images folder: %s",
+            source, len(extra), predictions.num_frames, shown_names(extra),
         )
     return predictions
+
+
+def _source(predictions: Predictions | str | Path | None) -> str:
+    """How messages name the predictions: the file, or where they came from."""
+    if predictions is None:
+        return "of VGGT"
+    return str(predictions) if isinstance(predictions, (str, Path)) else "given"
 
 
 def _predict(images_dir: Path, config: PipelineConfig, weights: str | Path | None, download: bool, progress: bool) -> Predictions:
@@ -222,12 +207,26 @@ def run(
 
     With `output`, writes `sparse/0/` (binary model), `points3D.ply`, `summary.json` (and the extras the config
     asks for) atomically, caching every stage's result under `output/cache/` so that a rerun resumes.
+    A second run writing the same output refuses; a failed one leaves only its finished stages' cache.
     """
+    output_path = Path(output) if output is not None else None
+    with reserved_output(output_path, overwrite) as work:
+        return _run_stages(images_dir, predictions, output_path, work, config, weights, download, progress)
+
+
+def _run_stages(
+    images_dir: str | Path,
+    predictions: Predictions | str | Path | None,
+    output_path: Path | None,
+    work: Path | None,
+    config: PipelineConfig | None,
+    weights: str | Path | None,
+    download: bool,
+    progress: bool,
+) -> ReconstructionResult:
     config = config or load_preset("default")  # the same run as the command line's default
     images_dir = Path(images_dir)
     timer = _Timer()
-    output_path = Path(output) if output is not None else None
-    work = _prepare_output(output_path, overwrite) if output_path is not None else None
     cache = StageCache(work / "cache" if work is not None else None)
 
     with timer.stage("images"):
@@ -244,7 +243,9 @@ def run(
             if was_cached:
                 timer.cached.append("predictions")
             loaded = _check_names(loaded, names + skipped, "VGGT")
-        predictions_used = match_images(loaded, names, "predictions")
+        predictions_used = match_images(loaded, names, _source(predictions))
+        sizes = {info.name: (info.width, info.height) for info in infos}
+        check_image_geometry(predictions_used, sizes, _source(predictions))
     if work is not None:
         check_output_requirements(config, predictions_used)
     image_sizes = np.array([[info.width, info.height] for info in infos])
@@ -262,7 +263,7 @@ def run(
             )
         summary.stage_seconds = dict(timer.seconds)
         (work / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
-        _commit_output(work, output_path)
+        commit_output(work, output_path)
     summary.stage_seconds = dict(timer.seconds)
     return ReconstructionResult(reconstruction=reconstruction, summary=summary, output=output_path)
 
@@ -289,7 +290,9 @@ def _reconstruct_from_prior(
     features = cached(
         "features",
         features_key,
-        lambda: features_stage.extract_features(images_dir, names, config.features, progress=progress),
+        lambda: features_stage.extract_features(
+            images_dir, names, config.features, progress=progress, store=cache.items(features_key)
+        ),
     )
     with timer.stage("pairs"):
         pairs = pairs_stage.select_pairs(prior, config.pairs)

@@ -197,27 +197,120 @@ def _check_finite(name: str, array: np.ndarray, path: Path) -> None:
         raise UserError(f"predictions file {path}: '{name}' has {bad} NaN or infinite values (re-run the prediction)")
 
 
+def _frame(names: list[str], index: int) -> str:
+    return f"frame {index} ({names[index]})"
+
+
+def _check_cameras(
+    extrinsic: np.ndarray, intrinsic: np.ndarray, grid_from_image: np.ndarray | None, names: list[str], path: Path
+) -> None:
+    """Rotations that are rotations, positive focal lengths, a grid mapping that keeps the image upright."""
+    R = extrinsic[:, :, :3]
+    orthogonality = np.abs(R @ np.transpose(R, (0, 2, 1)) - np.eye(3)).max(axis=(1, 2))
+    bad = np.flatnonzero((orthogonality > 1e-3) | (np.linalg.det(R) <= 0))
+    if len(bad):
+        raise UserError(
+            f"predictions file {path}: 'extrinsic' of {_frame(names, bad[0])} is not a rotation "
+            f"(|R R^T - I| = {orthogonality[bad[0]]:.3g}, det {np.linalg.det(R[bad[0]]):.3g}; {len(bad)} frame(s) "
+            "like it); extrinsic must be cam_from_world [R|t] with R a rotation"
+        )
+    focal = intrinsic[:, [0, 1], [0, 1]] / intrinsic[:, 2:3, 2]
+    bad = np.flatnonzero((focal <= 0).any(axis=1))
+    if len(bad):
+        fx, fy = focal[bad[0]]
+        raise UserError(
+            f"predictions file {path}: 'intrinsic' of {_frame(names, bad[0])} has focal lengths ({fx:.4g}, "
+            f"{fy:.4g}) in pixels; they must be positive ({len(bad)} frame(s) like it)"
+        )
+    if grid_from_image is not None:
+        bad = np.flatnonzero((grid_from_image[:, 0, 0] <= 0) | (grid_from_image[:, 1, 1] <= 0))
+        if len(bad):
+            raise UserError(
+                f"predictions file {path}: 'grid_from_image' of {_frame(names, bad[0])} does not scale the "
+                "image by positive factors (it must map an image pixel (x, y, 1) to the prediction grid)"
+            )
+
+
+def _check_map_shapes(maps: dict[str, np.ndarray | None], path: Path) -> None:
+    """Depth, confidence and point maps must share one prediction grid."""
+    shapes = {key: value.shape[1:3] for key, value in maps.items() if value is not None}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"'{key}' {shape[1]}x{shape[0]}" for key, shape in shapes.items())
+        raise UserError(
+            f"predictions file {path}: the maps are on different grids ({listed}, width x height); they must "
+            "all have the prediction grid's size"
+        )
+
+
+def check_image_geometry(
+    predictions: Predictions, image_sizes: dict[str, tuple[int, int] | None], source: Path | str
+) -> None:
+    """Refuse predictions made for other images: each frame's image must map onto its prediction grid.
+
+    The grid is the depth maps' when there are any, else the one centred on the predicted principal point (as
+    VGGT predicts it). On one axis at least the image must span that grid (to 25 %: VGGT fits the width, or the
+    longest side), and the principal point must lie inside the image. Photos of another size named like the
+    predicted ones (0000.jpg, ...) fail here instead of ending as a model with a large reprojection error.
+    """
+    K_image = predictions.image_intrinsics()
+    image_from_grid = predictions.image_from_grid()
+    for i, name in enumerate(predictions.image_names):
+        if image_sizes.get(name) is None:  # not in the folder, or unreadable
+            continue
+        width, height = image_sizes[name]
+        if predictions.depth is not None:
+            grid_size = np.array(predictions.depth.shape[2:0:-1], dtype=np.float64)
+        else:
+            K = predictions.intrinsics[i] / predictions.intrinsics[i, 2, 2]
+            grid_size = 2.0 * K[:2, 2]  # VGGT's principal point is (W/2, H/2) of its grid
+        # The size of image that would span that grid, through this frame's mapping.
+        implied = grid_size * np.diag(image_from_grid[i])[:2]
+        ratio = np.array([width, height]) / implied
+        cx, cy = K_image[i, 0, 2], K_image[i, 1, 2]
+        inside = 0 <= cx <= width and 0 <= cy <= height
+        if not inside or not np.any(np.abs(np.log(ratio)) < np.log(1.25)):
+            raise UserError(
+                f"predictions {source} were made for images of about {implied[0]:.0f}x{implied[1]:.0f}, but "
+                f"{name} is {width}x{height} (its principal point would be at ({cx:.0f}, {cy:.0f})); these are "
+                "predictions of other images: predict again for this images folder"
+            )
+
+
 def load_predictions(
     path: Path | str,
-    image_sizes: dict[str, tuple[int, int]] | None = None,
+    image_sizes: dict[str, tuple[int, int] | None] | None = None,
     preprocess: str = "crop",
 ) -> Predictions:
     """Read and validate a predictions file.
 
-    `image_sizes` (name -> (width, height) of the original images, in sorted name order) is needed for files
-    from the official demos, which have no `image_names`: the frames are then the images in sorted order and
-    `grid_from_image` follows from `preprocess`.
+    `image_sizes` (name -> (width, height) of the original images; None for an unreadable one) is needed for
+    files from the official demos, which have no `image_names`: the frames are then the images in sorted name
+    order and `grid_from_image` follows from `preprocess`.
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"predictions file not found: {path} (run `vggt-sfm predict` or pass the right --predictions)")
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+        if zip_start:  # a zip whose end (the central directory) is missing: cut short by a copy or a crash
+            raise UserError(
+                f"predictions file {path} is truncated (the .npz archive has no end); copy it again or re-run the "
+                "prediction"
+            )
         raise UserError(f"predictions file {path} is not an .npz archive (save it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except Exception as error:  # a damaged archive or an object array
-        raise UserError(f"cannot read predictions file {path}: {error}") from None
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise UserError(f"predictions file {path} is damaged ({error}); copy it again or re-run the prediction") from None
+        # An object array: reading it would run code from the file.
+        raise UserError(f"predictions file {path} holds Python objects, not arrays (save plain numeric arrays)") from None
+    except Exception as error:  # a damaged archive: bad CRC, cut-off member
+        raise UserError(
+            f"predictions file {path} is damaged ({error}); copy it again or re-run the prediction"
+        ) from None
 
     for key in REQUIRED_KEYS:
         if key not in arrays:
@@ -246,7 +339,7 @@ def load_predictions(
     else:
         if image_sizes is None:
             raise UserError(f"predictions file {path} has no 'image_names'; give the images folder so frames can be matched")
-        names = sorted(image_sizes)
+        names = sorted(image_sizes)  # every image of the folder, readable or not: frames follow that order
         if len(names) != num:
             raise UserError(
                 f"predictions file {path} has {num} frames but the images folder has {len(names)} images "
@@ -260,7 +353,12 @@ def load_predictions(
             raise UserError(f"predictions file {path}: 'grid_from_image' must have shape ({num},3,3)")
         _check_finite("grid_from_image", grid_from_image, path)
     elif official_file:
-        grid_from_image, _ = vggt_grid_from_image([image_sizes[n] for n in names], preprocess)
+        # Unreadable images (size None) keep an identity mapping: their frames are dropped before any use.
+        known = [i for i, n in enumerate(names) if image_sizes[n] is not None]
+        grid_from_image = np.tile(np.eye(3), (num, 1, 1))
+        if known:
+            grid_from_image[known] = vggt_grid_from_image([image_sizes[names[i]] for i in known], preprocess)[0]
+    _check_cameras(extrinsic, intrinsic, grid_from_image, names, path)
 
     maps: dict[str, np.ndarray | None] = {}
     for key in OPTIONAL_MAPS:
@@ -280,6 +378,7 @@ def load_predictions(
         maps[key] = value
     if maps["depth_conf"] is not None and maps["depth"] is None:
         maps["depth_conf"] = None
+    _check_map_shapes(maps, path)
     return Predictions(
         image_names=names,
         cam_from_world=extrinsic,
@@ -310,14 +409,22 @@ def save_predictions(predictions: Predictions, path: Path | str) -> None:
     tmp.replace(path)
 
 
+def shown_names(names: list[str], count: int = 3) -> str:
+    """A few names of a list, for a message."""
+    return ", ".join(names[:count]) + (" ..." if len(names) > count else "")
+
+
 def match_images(predictions: Predictions, image_names: list[str], path: Path | str) -> Predictions:
     """Restrict predictions to the readable images, checking that every image has a prediction."""
     index = predictions.index()
     missing = [n for n in image_names if n not in index]
     if missing:
-        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        wanted = set(image_names)
+        others = [n for n in predictions.image_names if n not in wanted]
+        also = f"; their other frames are of {shown_names(others)}" if others else ""
         raise UserError(
-            f"predictions file {path} has no frame for {len(missing)} image(s): {shown} "
-            "(predict again for this images folder)"
+            f"predictions {path} have no frame for {len(missing)} of the {len(image_names)} image(s) in the "
+            f"images folder: {shown_names(missing)}{also} (predict again for this images folder, or move those images "
+            "out of it)"
         )
     return predictions.subset(image_names)

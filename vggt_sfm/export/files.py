@@ -36,6 +36,13 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def check_target(target: Path, overwrite: bool) -> None:
     """Refuse to replace an existing output unless asked to."""
     if target.exists() and not overwrite:
@@ -64,6 +71,8 @@ def atomic_output(target: Path | str, overwrite: bool = False, directory: bool =
     prefix = f".{target.name}."
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=target.parent))
+        # mkdtemp makes the folder private (0700), and the mode would survive the rename: give it the umask's.
+        os.chmod(tmp, 0o777 & ~current_umask())
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".partial" + target.suffix, dir=target.parent)
         os.close(fd)
