@@ -234,7 +234,10 @@ def test_cache_entries_round_trip_every_stage_result(tmp_path: Path):
     predictions = load_predictions(FOUNTAIN / "prior_vggt_sim.npz")
     predictions.extras = {"something": np.arange(3)}
     tracks = Tracks(np.array([0, 0]), np.array([0, 1]), np.array([2, 3]), 1)
-    for value in (features, raw, verified, predictions, tracks, {"a": (1, 2.5, None, "x")}):
+    prior = PriorCameras(["a.jpg", "b.jpg"], np.array([[640, 480]] * 2), rng.random((2, 3, 4)), rng.random((2, 3, 3)))
+    checked = CheckedPrior(prior, raw, verified, [1], [], ViewGraphReport(failed=["b.jpg"], dropped_pairs=2,
+                                                                        rotation_change_deg={"b.jpg": 170.0}))
+    for value in (features, raw, verified, predictions, tracks, checked, {"a": (1, 2.5, None, "x")}):
         path = tmp_path / "entry.npz"
         cache_module.write_entry(path, value)
         back = cache_module.read_entry(path)
@@ -334,6 +337,8 @@ _HOLD_LOCK = """
 import sys, time
 from pathlib import Path
 from vggt_sfm.output_folder import output_lock
+from vggt_sfm.prior import PriorCameras
+from vggt_sfm.view_graph import CheckedPrior, ViewGraphReport
 with output_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)

@@ -72,9 +72,12 @@ def _result_types() -> dict[str, type]:
     from .features import Features
     from .matching import PairMatches, VerifiedMatches
     from .predictions import Predictions
+    from .prior import PriorCameras
     from .tracks import Tracks
+    from .view_graph import CheckedPrior, ViewGraphReport
 
-    return {cls.__name__: cls for cls in (Features, PairMatches, VerifiedMatches, Predictions, Tracks)}
+    classes = (Features, PairMatches, VerifiedMatches, Predictions, Tracks, PriorCameras, CheckedPrior, ViewGraphReport)
+    return {cls.__name__: cls for cls in classes}
 
 
 class _Encoder:
