@@ -55,7 +55,7 @@ def test_bad_frames_are_tens_of_degrees_off_and_the_rest_untouched(temple_gt):
     iid, broken, report = _pair(temple_gt, "bad-frames")
     angles = _angles_deg(broken.cam_from_world[:, :, :3], iid.cam_from_world[:, :, :3])
     bad = np.isin(iid.image_names, report.bad_frames)
-    assert bad.sum() == round(0.2 * len(bad))
+    assert bad.sum() == round(0.15 * len(bad))
     assert np.all((angles[bad] >= 25 - 1e-6) & (angles[bad] <= 40 + 1e-6))
     assert np.allclose(angles[~bad], 0, atol=1e-4)
 
@@ -121,7 +121,7 @@ def test_broken_frames_are_recovered_or_named(temple_gt, modes):
     for name in report.failed_frames:
         assert errors[name] <= RECOVERED_DEG or name in named, (name, errors[name])
     recovered = [n for n in report.failed_frames if errors[n] <= RECOVERED_DEG]
-    assert len(recovered) >= len(report.failed_frames) - 1  # measured: all of them (3/3 bad, 2/2 flipped)
+    assert len(recovered) >= len(report.failed_frames) - 1  # measured: all of them (2/2 bad, 2/2 flipped)
     assert metrics.num_registered == metrics.num_images
     assert metrics.as_dict()["auc@1"] >= COLMAP_AUC1_TEMPLE
     if modes == "flipped":  # found by the view graph, not left to chance
