@@ -8,6 +8,7 @@ leaves a half-written `sparse/0`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -306,38 +307,56 @@ def _reconstruct_from_prior(
         matches_key,
         lambda: matching_stage.match_pairs(features, pairs, config.matching, progress=progress, prior=prior),
     )
-    verify_key = stage_key(
-        "verification", matches_key, config.matching, prior.cam_from_world.tolist(), prior.intrinsics.tolist()
-    )
-    verified = cached(
-        "verification", verify_key, lambda: matching_stage.verify_matches(features, raw, prior, config.matching)
-    )
-    checked = cached(
-        "view graph",
-        stage_key("view_graph", verify_key, config.view_graph),
-        lambda: view_graph_stage.check_prior(features, prior, raw, verified, config.matching, config.view_graph, progress),
-    )
-    prior, raw, verified = checked.prior, checked.raw, checked.verified
-    with timer.stage("tracks"):
-        tracks = tracks_stage.build_tracks(verified, [len(f.keypoints) for f in features], config.tracks)
-    with timer.stage("initialization"), quiet_pycolmap():
-        reconstruction, mapping_report = mapping_stage.initialize_reconstruction(
-            prior, features, tracks, predictions, config.mapping, doubted=checked.failed,
-            unconfirmed=checked.unconfirmed,
+    predicted = prior
+    for attempt in range(2):
+        verify_key = stage_key(
+            "verification", matches_key, config.matching, prior.cam_from_world.tolist(), prior.intrinsics.tolist()
         )
-    refine_report = None
-    if config.refine.enabled:
-        with timer.stage("bundle adjustment"), quiet_pycolmap():
-            refine_report = refine_stage.refine_reconstruction(
-                reconstruction,
-                config.refine,
-                tracks=tracks,
-                features=features,
-                verified=verified,
-                constant_images=_image_ids(names, mapping_report.not_refined),
+        verified = cached(
+            "verification", verify_key, lambda: matching_stage.verify_matches(features, raw, prior, config.matching)
+        )
+        checked = cached(
+            "view graph",
+            stage_key("view_graph", verify_key, config.view_graph),
+            lambda: view_graph_stage.check_prior(
+                features, prior, raw, verified, config.matching, config.view_graph, progress
+            ),
+        )
+        with timer.stage("tracks"):
+            tracks = tracks_stage.build_tracks(
+                checked.verified, [len(f.keypoints) for f in features], config.tracks
             )
-            if config.mapping.extract_colors:
-                mapping_stage.color_points(reconstruction, features)  # points made by re-triangulation
+        with timer.stage("initialization"), quiet_pycolmap():
+            reconstruction, mapping_report = mapping_stage.initialize_reconstruction(
+                checked.prior, features, tracks, predictions, config.mapping, doubted=checked.failed,
+                unconfirmed=checked.unconfirmed,
+            )
+        refine_report = None
+        if config.refine.enabled:
+            with timer.stage("bundle adjustment"), quiet_pycolmap():
+                refine_report = refine_stage.refine_reconstruction(
+                    reconstruction,
+                    config.refine,
+                    tracks=tracks,
+                    features=features,
+                    verified=checked.verified,
+                    constant_images=_image_ids(names, mapping_report.not_refined),
+                )
+                if config.mapping.extract_colors:
+                    mapping_stage.color_points(reconstruction, features)  # points made by re-triangulation
+        factor = _focal_factor(reconstruction, prior, mapping_report.not_refined)
+        if attempt > 0 or refine_report is None or abs(np.log(factor)) <= config.refine.focal_repass:
+            break
+        # A focal length the whole prediction got wrong (VGGT's field of view) skews the verification, the tracks
+        # and the initial model; bundle adjustment finds the focal but not every match lost to it.
+        logger.warning(
+            "the predicted focal lengths were %.0f %% off; verifying and refining again with the refined focal",
+            100 * abs(factor - 1),
+        )  # fmt: skip
+        intrinsics = predicted.intrinsics.copy()
+        intrinsics[:, :2, :2] *= factor
+        prior = dataclasses.replace(predicted, intrinsics=intrinsics)
+    raw, verified = checked.raw, checked.verified
     numbers = reconstruction_summary_numbers(reconstruction)
     summary = ReconstructionSummary(
         num_images=len(names),
@@ -350,12 +369,25 @@ def _reconstruct_from_prior(
             "verified_pairs": int(sum(len(m) > 0 for m in verified.matches)),
             "tracks": int(tracks.num_tracks),
             "view_graph": _report_dict(checked.report),
+            "focal_factor_applied": float(np.mean(prior.intrinsics[:, 0, 0] / predicted.intrinsics[:, 0, 0])),
             "mapping": _report_dict(mapping_report),
             "refine": _report_dict(refine_report),
         },
         **numbers,
     )
     return reconstruction, summary, StageResults(features, raw, verified, tracks)
+
+
+def _focal_factor(reconstruction: pycolmap.Reconstruction, prior: PriorCameras, not_refined: list[str]) -> float:
+    """Median ratio of the refined focal lengths to the prior's, over the refined images (1 without any)."""
+    index = {name: i for i, name in enumerate(prior.image_names)}
+    skip = set(not_refined)
+    ratios = []
+    for image in reconstruction.images.values():
+        if image.has_pose and image.name in index and image.name not in skip:
+            K = prior.intrinsics[index[image.name]]
+            ratios.append(reconstruction.cameras[image.camera_id].mean_focal_length() / (0.5 * (K[0, 0] + K[1, 1])))
+    return float(np.median(ratios)) if ratios else 1.0
 
 
 def _image_ids(names: list[str], subset: list[str]) -> list[int]:

@@ -88,6 +88,10 @@ class RefineConfig:
     # (median rotation error 2.91 vs 1.06 deg at 0.15) with no loss on the iid prior (templeSR 1.24 vs 1.21, lego
     # 0.95 vs 0.96 deg; benchmarks/README.md, failure modes).
     position_prior_std: float = 0.15
+    # When BA moves the focal length this far (log ratio) from the prediction, the run verifies, maps and refines
+    # once more with the prediction's focal lengths scaled to the refined one (a shared focal bias: fountain
+    # 0.107 -> 0.053 deg, iid 0.037; benchmarks/README.md, failure modes).
+    focal_repass: float = 0.05
 
 
 @dataclass
