@@ -23,7 +23,7 @@ from vggt_sfm.predict import estimate_memory, predict
 from vggt_sfm.predictions import load_predictions, vggt_grid_from_image
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vggt_parity"
-TEMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "middlebury_templeSR" / "images"
+TEMPLE = Path(__file__).resolve().parents[1] / "data" / "templeSR" / "images"
 HEADS = ("camera", "depth", "point")
 
 
