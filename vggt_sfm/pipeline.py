@@ -30,10 +30,14 @@ from .cache import StageCache, file_fingerprint, stage_key
 from .config import PipelineConfig, load_preset
 from .errors import UserError
 from .images import ImageInfo, list_images, scan_images
-from .log import quiet_pycolmap
+from .log import clear_stage, quiet_pycolmap, show_stage
 from .outputs import check_output_requirements, write_outputs
 from .predictions import Predictions, load_predictions, match_images
 from .prior import PriorCameras, prior_from_predictions
+from . import __version__
+from .evaluation.metrics import check_common_images, evaluate, read_ground_truth
+from .report import json_ready, label_reprojection_errors, output_entries
+from .sanity import STATUS_OK, check_run, status_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +54,29 @@ class ReconstructionSummary:
     mean_track_length: float
     mean_reprojection_error: float
     mean_observations_per_image: float
-    not_refined: list[str] = field(default_factory=list)  # kept their predicted pose: too few verified matches
+    not_refined: list[str] = field(default_factory=list)  # kept their predicted pose: too few observations
     relocalized: list[str] = field(default_factory=list)  # prior pose disagreed with the matches; re-estimated
     skipped_images: list[str] = field(default_factory=list)  # unreadable
     stage_seconds: dict[str, float] = field(default_factory=dict)
     cached_stages: list[str] = field(default_factory=list)
     bundle_adjusted: bool = True
+    # The initial model's (triangulated from the prior, before bundle adjustment); the one above is the final's.
+    initial_mean_reprojection_error: float | None = None
+    status: str = STATUS_OK  # "ok", or "FAILED" when the result fails the checks of `sanity.check_run`
+    failure_reasons: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)  # what was written, relative to the output folder
+    accuracy: dict[str, Any] | None = None  # against `ground_truth`, when given
+    version: str = __version__  # of vggt-sfm
+    command: str | None = None  # the command line, when run from it
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved configuration (preset + overrides)
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_json(self) -> str:
+        """The summary as strict JSON (NaN and infinities written as null), as `summary.json` holds it."""
+        return json.dumps(json_ready(self.as_dict()), indent=2)
 
     def format(self) -> str:
         """A short human summary of the run."""
@@ -67,11 +84,16 @@ class ReconstructionSummary:
             f"registered {self.num_registered}/{self.num_images} images, {self.num_points} points, "
             f"mean track length {self.mean_track_length:.2f}, "
             f"mean reprojection error {self.mean_reprojection_error:.3f} px"
+            + (
+                f" ({self.initial_mean_reprojection_error:.2f} px before bundle adjustment)"
+                if self.bundle_adjusted and self.initial_mean_reprojection_error is not None
+                else ""
+            )
             + ("" if self.bundle_adjusted else " (no bundle adjustment)"),
         ]
         if self.not_refined:
             lines.append(
-                f"NOT refined (too few verified matches, predicted pose kept): {', '.join(self.not_refined)}"
+                f"NOT refined (too few triangulated observations, predicted pose kept): {', '.join(self.not_refined)}"
             )
         if self.relocalized:
             lines.append(f"re-localised (prior pose disagreed with matches): {', '.join(self.relocalized)}")
@@ -82,6 +104,8 @@ class ReconstructionSummary:
             for name, seconds in self.stage_seconds.items()
         )
         lines.append(f"time: {times}; total {sum(self.stage_seconds.values()):.1f}s")
+        if self.failure_reasons:
+            lines.append(f"{self.status}: " + "; ".join(self.failure_reasons))
         return "\n".join(lines)
 
 
@@ -102,21 +126,26 @@ class ReconstructionResult:
     reconstruction: pycolmap.Reconstruction
     summary: ReconstructionSummary
     output: Path | None = None
+    accuracy: Any = None  # evaluation.metrics.EvaluationResult against `ground_truth`, when given
 
 
 class _Timer:
-    def __init__(self) -> None:
+    def __init__(self, show: bool = False) -> None:
         self.seconds: dict[str, float] = {}
         self.cached: list[str] = []
+        self.show = show  # a one-line stage indicator on a terminal
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         logger.info("%s ...", name)
+        if self.show:
+            show_stage(name)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            clear_stage()
 
 
 def _prepare_output(output: Path, overwrite: bool) -> Path:
@@ -214,6 +243,8 @@ def run(
     weights: str | Path | None = None,
     download: bool = False,
     progress: bool = True,
+    ground_truth: pycolmap.Reconstruction | str | Path | None = None,
+    command: str | None = None,
 ) -> ReconstructionResult:
     """Reconstruct a folder of images, initialised by VGGT predictions (a file, a Predictions, or run VGGT).
 
@@ -224,7 +255,8 @@ def run(
     """
     config = config or load_preset("default")  # the same run as the command line's default
     images_dir = Path(images_dir)
-    timer = _Timer()
+    gt = read_ground_truth(ground_truth) if ground_truth is not None else None
+    timer = _Timer(show=progress)
     output_path = Path(output) if output is not None else None
     work = _prepare_output(output_path, overwrite) if output_path is not None else None
     cache = StageCache(work / "cache" if work is not None else None)
@@ -232,6 +264,8 @@ def run(
     with timer.stage("images"):
         infos, skipped, loaded = _load_inputs(images_dir, predictions, config)
     names = [info.name for info in infos]
+    if gt is not None:
+        check_common_images(names, gt.image_names, f"images folder {images_dir}", "the ground truth", warn=False)
     fingerprint = file_fingerprint([images_dir / n for n in names])
 
     with timer.stage("predictions"):
@@ -253,6 +287,14 @@ def run(
         images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress
     )
     summary.skipped_images = skipped
+    summary.config, summary.command = config.as_dict(), command
+    accuracy = evaluate(reconstruction, gt, labels=("the model", "the ground truth")) if gt is not None else None
+    summary.accuracy = accuracy.as_dict() if accuracy is not None else None
+    summary.failure_reasons = check_run(
+        summary.num_images, summary.num_points, summary.mean_reprojection_error, summary.not_refined, prior,
+        bundle_adjusted=summary.bundle_adjusted,
+    )
+    summary.status = status_of(summary.failure_reasons)
 
     if work is not None:
         with timer.stage("write"):
@@ -260,10 +302,11 @@ def run(
                 work, reconstruction, config, images_dir, prior, predictions_used, stages
             )
         summary.stage_seconds = dict(timer.seconds)
-        (work / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
+        summary.outputs = output_entries(work) + ["summary.json"]
+        (work / "summary.json").write_text(summary.to_json())
         _commit_output(work, output_path)
     summary.stage_seconds = dict(timer.seconds)
-    return ReconstructionResult(reconstruction=reconstruction, summary=summary, output=output_path)
+    return ReconstructionResult(reconstruction=reconstruction, summary=summary, output=output_path, accuracy=accuracy)
 
 
 def _reconstruct_from_prior(
@@ -343,6 +386,7 @@ def _reconstruct_from_prior(
         },
         **numbers,
     )
+    summary.initial_mean_reprojection_error = label_reprojection_errors(summary.details)
     return reconstruction, summary, StageResults(features, raw, verified, tracks)
 
 
