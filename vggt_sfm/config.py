@@ -28,7 +28,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def _presets_dir() -> Path:
+    """`pipelines/` of a source checkout, or the copy a wheel ships inside the package (`vggt_sfm/presets`)."""
+    installed = Path(__file__).resolve().parent / "presets"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "pipelines"
+
+
+PRESETS_DIR = _presets_dir()
 EXPORT_FORMATS = ("gsplat", "nerfstudio")
 
 
