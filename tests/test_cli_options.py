@@ -98,3 +98,35 @@ def test_evaluate_says_a_partial_overlap(tmp_path, capsys):
     assert code == 0
     assert captured.out.startswith("registered 8/11")
     assert f"3 of the 11 images of --gt {FOUNTAIN_GT} are not in --model {tmp_path}" in captured.err
+
+
+def test_errors_name_the_callers_own_terms(tmp_path, capsys):
+    """The same mistake in Python names the parameter; on the command line, the option."""
+    from vggt_sfm import pipeline
+    from vggt_sfm.errors import UserError
+    from vggt_sfm.export.files import check_target
+
+    with pytest.raises(UserError) as info:
+        pipeline.run(tmp_path / "missing", predictions="p.npz")
+    assert str(info.value) == f"images folder not found: {tmp_path / 'missing'} (pass an existing folder of photos as `images_dir`)"
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match="pass `overwrite=True` to replace it") as info:
+        check_target(tmp_path / "taken", overwrite=False)
+    assert "--" not in str(info.value)
+
+    code = main(["reconstruct", "--images", str(tmp_path / "missing"), "--predictions", "p.npz", "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"vggt-sfm: error: images folder not found: {tmp_path / 'missing'} (pass an existing folder of photos as --images)"
+    )
+
+
+def test_in_cli_terms_writes_values_as_options():
+    from vggt_sfm.cli import in_cli_terms
+    from vggt_sfm.errors import param
+
+    assert in_cli_terms(f"use {param('device', 'cpu')}") == "use --device cpu"
+    assert in_cli_terms(f"set {param('output.dense_points', 0)}") == "set --dense-points 0"
+    assert in_cli_terms(f"use {param('output.export', ['gsplat'])}") == "use --export gsplat"
+    assert in_cli_terms(f"run again with {param('download', True)}") == "run again with --download"
+    assert in_cli_terms("run `vggt-sfm predict` first") == "run `vggt-sfm predict` first"  # not a parameter

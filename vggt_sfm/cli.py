@@ -10,9 +10,11 @@ kept for inspection and its summary.json says why); 130 Ctrl-C; 141 stdout close
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -47,6 +49,23 @@ RECONSTRUCT_OVERRIDES: dict[str, str] = {
     "window_overlap": "predict.window_overlap",
 }
 
+
+# The option that sets each parameter or configuration value an error message names (`errors.param`).
+PARAMETER_OPTIONS: dict[str, str] = {
+    "images_dir": "--images",
+    "predictions": "--predictions",
+    "output": "--output",
+    "overwrite": "--overwrite",
+    "weights": "--weights",
+    "download": "--download",
+    "device": "--device",
+    "dtype": "--dtype",
+    "heads": "--heads",
+    "window": "--window",
+    "window_overlap": "--window-overlap",
+    **{path: "--" + name.replace("_", "-") for name, path in RECONSTRUCT_OVERRIDES.items() if name != "ba"},
+}
+_PARAM = re.compile(r"`([\w.]+)(?:=([^`]*))?`")
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE
@@ -299,6 +318,28 @@ COMMANDS = {
 }
 
 
+def in_cli_terms(message: str) -> str:
+    """An error message with each parameter it names (`errors.param`) written as this command line's option."""
+
+    def option(match: re.Match) -> str:
+        name, text = match.groups()
+        flag = PARAMETER_OPTIONS.get(name)
+        if flag is None:
+            return match.group(0)
+        if text is None:
+            return flag
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if value is True:
+            return flag
+        values = value if isinstance(value, list) else [value]
+        return " ".join(f"{flag} {item}" for item in values)
+
+    return _PARAM.sub(option, message)
+
+
 def _stdout_closed() -> int:
     """The reader of stdout went away (`| head`): stop quietly; later writes (at exit) go nowhere."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -321,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except UserError as error:
-        print(f"vggt-sfm: error: {error}", file=sys.stderr)
+        print(f"vggt-sfm: error: {in_cli_terms(str(error))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("vggt-sfm: interrupted; no results were written (rerun to resume from the cached stages)", file=sys.stderr)

@@ -28,7 +28,7 @@ from . import refine as refine_stage
 from . import tracks as tracks_stage
 from .cache import StageCache, file_fingerprint, stage_key
 from .config import PipelineConfig, load_preset
-from .errors import UserError
+from .errors import UserError, param
 from .images import ImageInfo, list_images, scan_images
 from .log import clear_stage, quiet_pycolmap, show_stage
 from .outputs import check_output_requirements, write_outputs
@@ -197,7 +197,7 @@ def _check_names(predictions: Predictions, names: list[str], source: Path | str)
     if extra:
         raise UserError(
             f"predictions {source} name {len(extra)} image(s) not in the images folder, e.g. {extra[0]} "
-            "(check --images or predict again)"
+            f"(check {param('images_dir')} or predict again)"
         )
     return predictions
 
@@ -248,10 +248,25 @@ def run(
 ) -> ReconstructionResult:
     """Reconstruct a folder of images, initialised by VGGT predictions (a file, a Predictions, or run VGGT).
 
-    Without `config`, the `default` preset (`pipelines/default.toml`) is used, as on the command line.
+    - `images_dir`: the folder of photos (the command line's `--images`).
+    - `predictions`: a predictions `.npz` or a `Predictions`; None runs VGGT (`weights`, `download` as for
+      `vggt_sfm.predict`).
+    - `config`: a `PipelineConfig`; None is the `default` preset (`pipelines/default.toml`), as on the command
+      line. Pick another and change values with `config.load_preset` and `config.apply_overrides`:
 
-    With `output`, writes `sparse/0/` (binary model), `points3D.ply`, `summary.json` (and the extras the config
-    asks for) atomically, caching every stage's result under `output/cache/` so that a rerun resumes.
+          config = apply_overrides(load_preset("accurate"), [(["features", "max_keypoints"], 4096)])
+
+    - `output`: the folder to write; None writes nothing. It gets `sparse/0/` (binary model), `points3D.ply`,
+      `summary.json` and the extras the config asks for, atomically, with every stage's result cached under
+      `output/cache/` so that a rerun resumes; existing results are replaced only with `overwrite`.
+    - `progress`: progress bars and a stage line on a terminal (stderr); nothing when stderr is not a terminal.
+    - `ground_truth`: a COLMAP model (folder or `pycolmap.Reconstruction`) of the same images: the result's
+      `accuracy` and the summary's `accuracy` hold the errors against it.
+    - `command`: the command line to record in the summary.
+
+    The summary's `status` is "FAILED" (with `failure_reasons`) when the result fails the sanity checks of
+    `vggt_sfm.sanity` (no points, a large reprojection error, most frames not refined); the output is written
+    all the same, for inspection. User mistakes raise `UserError`.
     """
     config = config or load_preset("default")  # the same run as the command line's default
     images_dir = Path(images_dir)
@@ -412,5 +427,9 @@ def reconstruct(
     config: PipelineConfig | None = None,
     **kwargs: Any,
 ) -> pycolmap.Reconstruction:
-    """Reconstruct a folder of images and return the refined `pycolmap.Reconstruction` (see `run`)."""
+    """Reconstruct a folder of images and return the refined `pycolmap.Reconstruction`.
+
+    `kwargs` are those of `run`: `overwrite`, `weights`, `download`, `progress`, `ground_truth`. Check
+    `run(...).summary.status` instead when the result's sanity matters (a FAILED run still returns its model).
+    """
     return run(images_dir, predictions=predictions, output=output, config=config, **kwargs).reconstruction
