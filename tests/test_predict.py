@@ -206,6 +206,7 @@ def test_weights_problems_reach_the_user(tmp_path, monkeypatch):
         predict(tmp_path / "im", weights=FIXTURES / "tiny_conv_strong_s1.pt", max_frames=10)
 
 
+@pytest.mark.slow
 def test_windows_chain_the_model_outputs(model, tmp_path):
     """Five real photos in windows of three sharing one frame: the first window is a plain pass over its frames,
     the second is the pass over its own frames carried by one similarity (depth scaled by its scale)."""

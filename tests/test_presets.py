@@ -176,6 +176,7 @@ def test_fast_from_the_command_line(outputs, scene):
     assert _summary(outputs("fast"))["details"]["refine"]["rounds"] <= 3
 
 
+@pytest.mark.slow
 def test_accurate(outputs, scene):
     model = _assert_bundle_adjusted_accuracy(outputs("accurate"), scene)
     assert _camera_models(model) == {"OPENCV"}
@@ -184,6 +185,7 @@ def test_accurate(outputs, scene):
     assert abs(camera.principal_point_x - _prior_principal_point(scene)[0]) > 0.1  # principal point refined
 
 
+@pytest.mark.slow
 def test_gsplat_layout_and_dense_points(outputs, scene):
     output = outputs("gsplat")
     _assert_bundle_adjusted_accuracy(output, scene)
