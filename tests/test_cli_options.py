@@ -130,3 +130,15 @@ def test_in_cli_terms_writes_values_as_options():
     assert in_cli_terms(f"use {param('output.export', ['gsplat'])}") == "use --export gsplat"
     assert in_cli_terms(f"run again with {param('download', True)}") == "run again with --download"
     assert in_cli_terms("run `vggt-sfm predict` first") == "run `vggt-sfm predict` first"  # not a parameter
+
+
+def test_reconstruct_refuses_a_ground_truth_of_other_images_before_any_work(tmp_path, capsys):
+    fountain = ROOT / "data" / "fountain"
+    code = main(["reconstruct", "--images", str(fountain / "images"), "--predictions", str(fountain / "prior_vggt_sim.npz"),
+                 "--output", str(tmp_path / "out"), "--gt", str(TEMPLE_GT)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"vggt-sfm: error: images folder {fountain / 'images'} and the ground truth have no image in common "
+        "(e.g. 0000.jpg vs templeSR0001.png): give the ground truth of the same images"
+    )
+    assert list(tmp_path.iterdir()) == []  # not even a work folder

@@ -271,6 +271,8 @@ def run(
     config = config or load_preset("default")  # the same run as the command line's default
     images_dir = Path(images_dir)
     gt = read_ground_truth(ground_truth) if ground_truth is not None else None
+    if gt is not None:  # before any work: a ground truth of other images is a mistake
+        check_common_images(list_images(images_dir), gt.image_names, f"images folder {images_dir}", "the ground truth", warn=False)
     timer = _Timer(show=progress)
     output_path = Path(output) if output is not None else None
     work = _prepare_output(output_path, overwrite) if output_path is not None else None
@@ -279,8 +281,6 @@ def run(
     with timer.stage("images"):
         infos, skipped, loaded = _load_inputs(images_dir, predictions, config)
     names = [info.name for info in infos]
-    if gt is not None:
-        check_common_images(names, gt.image_names, f"images folder {images_dir}", "the ground truth", warn=False)
     fingerprint = file_fingerprint([images_dir / n for n in names])
 
     with timer.stage("predictions"):
