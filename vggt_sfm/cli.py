@@ -342,8 +342,10 @@ def in_cli_terms(message: str) -> str:
 
 def _stdout_closed() -> int:
     """The reader of stdout went away (`| head`): stop quietly; later writes (at exit) go nowhere."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (captured): nothing is flushed at exit
+        pass
     return EXIT_BROKEN_PIPE
 
 
