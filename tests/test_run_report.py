@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -182,7 +183,9 @@ def test_a_terminal_shows_stage_progress_with_counts(scene):
     assert code == 0, shown
     for stage in ("features", "matching", "initialization", "bundle adjustment", "write"):
         assert f"vggt-sfm: {stage} ..." in shown, (stage, shown[-2000:])
-    assert "4/4" in shown  # the per-image bar of feature extraction (tqdm: count, rate and ETA)
+    # The per-image bar of feature extraction (tqdm: done/total, rate, time left); a loaded machine may deliver
+    # all four images before the bar redraws, so any count of the four is accepted.
+    assert re.search(r"features: +\d+%\|[^|]*\| [0-4]/4 \[", shown), shown
     assert "\r\x1b[K" in shown  # each stage line is replaced, not stacked
 
 
