@@ -105,7 +105,7 @@ def test_summary_json_holds_config_version_command_accuracy_and_labelled_errors(
     assert mapping[BEFORE_BA_KEY] == pytest.approx(summary["initial_mean_reprojection_error"])
     assert refine[AFTER_BA_KEY] == pytest.approx(summary["mean_reprojection_error"], rel=1e-6)
     assert summary["initial_mean_reprojection_error"] > summary["mean_reprojection_error"]
-    assert set(summary["outputs"]) >= {"sparse/0/", "points3D.ply", "summary.json", "database.db", "nerfstudio/"}
+    assert set(summary["paths_written"]) >= {"sparse/0/", "points3D.ply", "summary.json", "database.db", "nerfstudio/"}
 
 
 def test_a_model_without_points_fails_keeps_its_output_and_leaks_no_warning(scene):

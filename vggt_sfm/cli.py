@@ -223,7 +223,7 @@ def _report_reconstruction(result, as_json: bool) -> int:
     else:
         print(summary.format())
         print(f"wrote {result.output}:")
-        for entry in summary.outputs:
+        for entry in summary.paths_written:
             print(f"  {result.output}/{entry}")
         if result.accuracy is not None:
             print("accuracy vs ground truth: " + result.accuracy.summary())

@@ -64,7 +64,7 @@ class ReconstructionSummary:
     initial_mean_reprojection_error: float | None = None
     status: str = STATUS_OK  # "ok", or "FAILED" when the result fails the checks of `sanity.check_run`
     failure_reasons: list[str] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)  # what was written, relative to the output folder
+    paths_written: list[str] = field(default_factory=list)  # relative to the output folder
     accuracy: dict[str, Any] | None = None  # against `ground_truth`, when given
     version: str = __version__  # of vggt-sfm
     command: str | None = None  # the command line, when run from it
@@ -317,7 +317,7 @@ def run(
                 work, reconstruction, config, images_dir, prior, predictions_used, stages
             )
         summary.stage_seconds = dict(timer.seconds)
-        summary.outputs = output_entries(work) + ["summary.json"]
+        summary.paths_written = output_entries(work) + ["summary.json"]
         (work / "summary.json").write_text(summary.to_json())
         _commit_output(work, output_path)
     summary.stage_seconds = dict(timer.seconds)
