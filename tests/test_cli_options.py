@@ -142,3 +142,9 @@ def test_reconstruct_refuses_a_ground_truth_of_other_images_before_any_work(tmp_
         "(e.g. 0000.jpg vs templeSR0001.png): give the ground truth of the same images"
     )
     assert list(tmp_path.iterdir()) == []  # not even a work folder
+
+
+def test_a_bad_override_is_named_by_where_it_came_from(capsys):
+    code = main(["reconstruct", "--images", "i", "--output", "o", "--set", "features.max_keypoints=lots"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("vggt-sfm: error: command line: 'features.max_keypoints' must be an integer")

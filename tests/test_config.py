@@ -60,7 +60,7 @@ def test_user_file_extends_a_preset(tmp_path: Path):
 def test_overrides():
     config = apply_overrides(PipelineConfig(), [parse_override("features.max_keypoints=123"), parse_override("mapping.camera_model=PINHOLE")])
     assert config.features.max_keypoints == 123 and config.mapping.camera_model == "PINHOLE"
-    with pytest.raises(UserError, match="must be an integer"):
+    with pytest.raises(UserError, match="^overrides: 'features.max_keypoints' must be an integer"):
         apply_overrides(PipelineConfig(), [parse_override("features.max_keypoints=lots")])
 
 

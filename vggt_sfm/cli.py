@@ -188,7 +188,7 @@ def _reconstruct_config(args: argparse.Namespace):
         if value is not None:
             overrides.append((path.split("."), value))
     overrides += [parse_override(text) for text in args.overrides]
-    return apply_overrides(config, overrides)
+    return apply_overrides(config, overrides, source="command line")
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:

@@ -217,8 +217,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(config: PipelineConfig, overrides: list[tuple[list[str], Any]], source: str = "command line") -> PipelineConfig:
-    """Apply (path, value) overrides such as (['features', 'max_keypoints'], 2048)."""
+def apply_overrides(config: PipelineConfig, overrides: list[tuple[list[str], Any]], source: str = "overrides") -> PipelineConfig:
+    """Apply (path, value) overrides such as (['features', 'max_keypoints'], 2048); errors start with `source`."""
     for path, value in overrides:
         nested: Any = value
         for part in reversed(path):
