@@ -186,6 +186,7 @@ def test_a_terminal_shows_stage_progress_with_counts(scene):
     # The per-image bar of feature extraction (tqdm: done/total, rate, time left); a loaded machine may deliver
     # all four images before the bar redraws, so any count of the four is accepted.
     assert re.search(r"features: +\d+%\|[^|]*\| [0-4]/4 \[", shown), shown
+    assert "bundle adjustment rounds:" in shown  # and a bar of the rounds
     assert "\r\x1b[K" in shown  # each stage line is replaced, not stacked
 
 

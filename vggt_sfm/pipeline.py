@@ -382,6 +382,7 @@ def _reconstruct_from_prior(
                 features=features,
                 verified=verified,
                 constant_images=_image_ids(names, mapping_report.not_refined),
+                progress=progress,
             )
             if config.mapping.extract_colors:
                 mapping_stage.color_points(reconstruction, features)  # points made by re-triangulation
