@@ -288,12 +288,13 @@ def _read_model(path: str, flag: str):
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.metrics import evaluate
+    from .report import json_ready
 
     result = evaluate(
         _read_model(args.model, "--model"), _read_model(args.gt, "--gt"),
         labels=(f"--model {args.model}", f"--gt {args.gt}"),
     )
-    print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
+    print(json.dumps(json_ready(result.as_dict()), indent=2) if args.json else result.summary())
     return 0
 
 
