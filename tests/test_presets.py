@@ -246,3 +246,10 @@ def test_colmap_init_database_and_no_bundle_adjustment(outputs, scene):
         assert db.num_keypoints() > 1000 * len(NAMES)
         assert db.num_verified_image_pairs() == summary["details"]["verified_pairs"] > 0
         assert len(db.read_all_pose_priors()) == len(NAMES)
+
+
+def test_good_runs_pass_the_sanity_checks(outputs):
+    """No false alarm: the quick presets' runs (colmap-init without bundle adjustment too) end "ok"."""
+    for name in ("default", "fast", "colmap-init"):
+        summary = _summary(outputs(name))
+        assert (summary["status"], summary["failure_reasons"]) == ("ok", []), name
