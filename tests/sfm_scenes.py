@@ -1,6 +1,6 @@
 """Small real scenes for the geometry tests: SIFT correspondences on real photos, checked by the true cameras.
 
-A scene is a few images of a data set in `shared/datasets` (downscaled into a temporary folder), their
+A scene is a few images of a shipped data set (downscaled into a temporary folder where needed), their
 ground-truth cameras scaled alike, COLMAP SIFT features (pycolmap), mutual-nearest-neighbour + ratio matches
 (`matching.mutual_nn_ratio`), and of those the matches whose Sampson error under the TRUE epipolar geometry is
 small: an honest stand-in for verified matches (real keypoint noise, real coverage, no outliers beyond the
@@ -30,10 +30,14 @@ from vggt_sfm.matching import VerifiedMatches, fundamental_from_cameras, mutual_
 from vggt_sfm.prior import PriorCameras, prior_from_predictions
 from vggt_sfm.tracks import Tracks, build_tracks
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DATASETS = SHARED / "datasets"
+DATA = Path(__file__).resolve().parents[1] / "data"
+FIXTURES = Path(__file__).parent / "fixtures"
+# Per data set: its ground-truth model and its images. The fountain's six scene images are shipped at 1024 px in
+# tests/fixtures (made from the 3072 px originals of shared/datasets/strecha_fountain_p11 as `load_scene` made
+# them, see fixtures/README.md), so that the scene is the same with or without the shared folder.
+SOURCES = {"fountain": (DATA / "fountain" / "gt", FIXTURES / "fountain_1024")}
 # Six fountain images at 1024 px: ~2k SIFT keypoints each, ~2k tracks; the scene the geometry tests share.
-FOUNTAIN = ("strecha_fountain_p11", tuple(f"{i:04d}.jpg" for i in range(6)), 1024)
+FOUNTAIN = ("fountain", tuple(f"{i:04d}.jpg" for i in range(6)), 1024)
 
 
 @dataclass
@@ -45,7 +49,7 @@ class Scene:
 
 
 def _scaled_ground_truth(dataset: str, names: list[str], max_size: int) -> tuple[PriorCameras, float]:
-    gt = read_ground_truth(DATASETS / dataset / "gt")
+    gt = read_ground_truth(SOURCES[dataset][0])
     index = {n: i for i, n in enumerate(gt.image_names)}
     order = [index[n] for n in names]
     sizes = gt.image_sizes[order]
@@ -83,12 +87,15 @@ def load_scene(
     atexit.register(shutil.rmtree, images_dir, ignore_errors=True)
     features = []
     for name, (width, height) in zip(names, gt.image_sizes):
-        image = Image.open(DATASETS / dataset / "images" / name)
+        source = SOURCES[dataset][1] / name
+        image = Image.open(source)
         image.draft("RGB", (int(width), int(height)))  # JPEG: decode at reduced scale, much faster
         image = image.convert("RGB")
         if image.size != (width, height):
             image = image.resize((int(width), int(height)), Image.LANCZOS)
-        image.save(images_dir / name, quality=95)
+            image.save(images_dir / name, quality=95)
+        else:
+            shutil.copyfile(source, images_dir / name)
         keypoints, descriptors = _sift(np.asarray(image.convert("L")), max_features)
         features.append(
             Features(

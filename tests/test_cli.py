@@ -116,5 +116,5 @@ def test_real_entry_point_exits_cleanly(tmp_path: Path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"vggt-sfm: error: images folder not found: {tmp_path / 'missing'} (pass an existing folder of photos with --images)"
+        f"vggt-sfm: error: images folder not found: {tmp_path / 'missing'} (pass an existing folder of photos as --images)"
     ]

@@ -60,7 +60,7 @@ def test_user_file_extends_a_preset(tmp_path: Path):
 def test_overrides():
     config = apply_overrides(PipelineConfig(), [parse_override("features.max_keypoints=123"), parse_override("mapping.camera_model=PINHOLE")])
     assert config.features.max_keypoints == 123 and config.mapping.camera_model == "PINHOLE"
-    with pytest.raises(UserError, match="must be an integer"):
+    with pytest.raises(UserError, match="^overrides: 'features.max_keypoints' must be an integer"):
         apply_overrides(PipelineConfig(), [parse_override("features.max_keypoints=lots")])
 
 
@@ -77,3 +77,12 @@ def test_every_named_option_overrides_a_real_preset_value():
     assert config.features.max_keypoints == 500 and config.features.resize_max == 1600
     assert not config.refine.enabled and config.refine.rounds == 2
     assert config.output.export == ["nerfstudio"] and config.mapping.shared_camera is False
+
+
+def test_the_readme_way_to_pick_a_preset_and_change_a_value():
+    import vggt_sfm
+
+    config = vggt_sfm.apply_overrides(vggt_sfm.load_preset("accurate"), [(["features", "max_keypoints"], 4096)])
+    assert config.features.max_keypoints == 4096
+    assert config.features.extractor == vggt_sfm.load_preset("accurate").features.extractor == "aliked"
+    assert "apply_overrides(load_preset(" in vggt_sfm.run.__doc__

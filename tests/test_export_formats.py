@@ -104,7 +104,7 @@ def test_write_model_round_trip_and_overwrite():
         for image_id, image in model.images.items():
             pose = back.images[image_id].cam_from_world()
             assert pose.rotation.angle_to(image.cam_from_world().rotation) < 1e-9
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="overwrite=True"):
         write_model(model, target)
     write_model(model, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == sorted(f"{n}.bin" for n in ("cameras", "images", "points3D", "rigs", "frames"))
@@ -180,7 +180,7 @@ def test_gsplat_export_refuses_an_existing_folder():
     output = temporary_folder() / "gs"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="overwrite=True"):
         export_gsplat(model, IMAGES, output, downscales=())
     assert (output / "keep.txt").read_text() == "mine"
     export_gsplat(model, IMAGES, output, downscales=(), overwrite=True)

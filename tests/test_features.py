@@ -14,8 +14,7 @@ from vggt_sfm.errors import UserError
 from vggt_sfm.features import FeatureConfig, extract_features, extract_image, presets
 from vggt_sfm.images import read_image
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TEMPLE = SHARED / "datasets" / "middlebury_templeSR" / "images"
+TEMPLE = Path(__file__).resolve().parents[1] / "data" / "templeSR" / "images"
 
 
 @pytest.fixture(scope="module")

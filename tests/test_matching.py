@@ -24,8 +24,7 @@ from vggt_sfm.matching import (
 )
 from vggt_sfm.prior import PriorCameras
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TEMPLE = SHARED / "datasets" / "middlebury_templeSR"
+TEMPLE = Path(__file__).resolve().parents[1] / "data" / "templeSR"
 # Two neighbouring views of the ring, and one looking at the temple from 120 degrees away.
 NAMES = ["templeSR0001.png", "templeSR0002.png", "templeSR0005.png"]
 PAIR = np.array([[0, 1]])

@@ -36,7 +36,8 @@ def load_case(
     folder, model_name, size = CASES[case]
     data_path = folder / f"{model_name}__in_{size}.npz"
     if not data_path.exists():
-        pytest.skip(f"{data_path} is absent")
+        # Only the 518x518 case reads the shared folder: 28 MB, too large to ship in the repository.
+        pytest.skip(f"needs {data_path.name} of the shared VGGT parity set (shared/vggt_parity, not shipped)")
     data = dict(np.load(data_path))
     config = VGGTConfig.from_meta(str(data["meta_json"]))
     with torch.device("meta" if on_meta else "cpu"):

@@ -12,8 +12,9 @@ from vggt_sfm.evaluation.metrics import read_ground_truth
 from vggt_sfm.pairs import PairsConfig, median_depths, select_pairs, typical_depths
 from vggt_sfm.prior import PriorCameras
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DATASETS = SHARED / "datasets"
+# Ground-truth cameras only (text models of a few KB): those of shared/datasets/nerf_synthetic_lego, and data/.
+LEGO_GT = Path(__file__).parent / "fixtures" / "gt" / "nerf_synthetic_lego"
+FOUNTAIN_GT = Path(__file__).resolve().parents[1] / "data" / "fountain" / "gt"
 
 
 def _connected(pairs: np.ndarray, num: int) -> bool:
@@ -37,7 +38,7 @@ def _check_pair_array(pairs: np.ndarray, num: int) -> None:
 
 
 def test_lego_prior_pairs_hold_the_true_neighbours_and_grow_linearly():
-    gt = read_ground_truth(DATASETS / "nerf_synthetic_lego" / "gt")  # 25 views around an object
+    gt = read_ground_truth(LEGO_GT)  # 25 views around an object
     num, k = gt.num_images, 4
     pairs = select_pairs(gt, PairsConfig(method="prior", num_neighbors=k))
     _check_pair_array(pairs, num)
@@ -59,7 +60,7 @@ def test_lego_prior_pairs_hold_the_true_neighbours_and_grow_linearly():
 
 
 def test_auto_is_exhaustive_for_small_sets_and_prior_beyond():
-    gt = read_ground_truth(DATASETS / "nerf_synthetic_lego" / "gt")
+    gt = read_ground_truth(LEGO_GT)
     exhaustive = select_pairs(gt, PairsConfig())
     assert len(exhaustive) == 25 * 24 // 2
     _check_pair_array(exhaustive, 25)
@@ -68,7 +69,7 @@ def test_auto_is_exhaustive_for_small_sets_and_prior_beyond():
 
 
 def test_forward_moving_sequence_pairs_consecutive_views():
-    gt = read_ground_truth(DATASETS / "strecha_fountain_p11" / "gt")  # 11 views along an arc, facing a wall
+    gt = read_ground_truth(FOUNTAIN_GT)  # 11 views along an arc, facing a wall
     pairs = select_pairs(gt, PairsConfig(method="prior", num_neighbors=3))
     chosen = {tuple(p) for p in pairs}
     assert all((i, i + 1) in chosen for i in range(gt.num_images - 1))

@@ -37,6 +37,7 @@ def fountain_run(tmp_path_factory, ground_truth):
     return result, out
 
 
+@pytest.mark.slow
 def test_fountain_accuracy_and_outputs(fountain_run, ground_truth):
     result, out = fountain_run
     prior = evaluate(load_predictions(DATA / "prior_vggt_sim.npz"), ground_truth)
@@ -87,6 +88,7 @@ def test_interrupted_run_leaves_nothing_and_resumes(tmp_path, monkeypatch):
     assert not (tmp_path / ".out.partial").exists()
 
 
+@pytest.mark.slow
 def test_a_twenty_degree_outlier_frame_is_recovered(tmp_path, ground_truth):
     prior = simulate_prior(ground_truth, level="vggt", seed=3, outliers=["0005.jpg"])
     result = pipeline.run(DATA / "images", predictions=prior, config=config_from_dict(FAST))

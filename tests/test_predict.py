@@ -23,7 +23,7 @@ from vggt_sfm.predict import estimate_memory, predict
 from vggt_sfm.predictions import load_predictions, vggt_grid_from_image
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vggt_parity"
-TEMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "middlebury_templeSR" / "images"
+TEMPLE = Path(__file__).resolve().parents[1] / "data" / "templeSR" / "images"
 HEADS = ("camera", "depth", "point")
 
 
@@ -166,9 +166,9 @@ def test_refuses_frames_that_do_not_fit(tmp_path, model, monkeypatch):
     estimate = estimate_memory(VGGTConfig(), (518, 392), ("camera", "depth"), torch.device("cpu"))
     room = estimate.needed(2) + estimate.per_frame // 2
     monkeypatch.setattr(predict_module, "available_memory", lambda device: int(room / predict_module.USABLE_FRACTION) + 1)
-    with pytest.raises(UserError, match=r"4 frames need about .* GB .* about 2 frames fit.* \(--window 2\)"):
+    with pytest.raises(UserError, match=r"4 frames need about .* GB .* about 2 frames fit.* \(`window=2`\)"):
         predict(tmp_path / "im", weights=tmp_path / "never-read.pt")
-    with pytest.raises(UserError, match=r"a window of 3 frames needs about .* GB .*smaller --window \(at most 2\)"):
+    with pytest.raises(UserError, match=r"a window of 3 frames needs about .* GB .*smaller `window` \(at most 2\)"):
         predict(tmp_path / "im", weights=tmp_path / "never-read.pt", window=3, window_overlap=1)
     # On CPU the windows' depth maps stay in the same memory until joined: a window that fits is not enough.
     assert estimate.maps_per_frame == 8 * 518 * 392  # depth and confidence, float32
@@ -199,13 +199,14 @@ def test_weights_problems_reach_the_user(tmp_path, monkeypatch):
     for name in (ENV_VAR, "HF_HOME", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(UserError, match="no VGGT weights found.*--download"):
+    with pytest.raises(UserError, match="no VGGT weights found.*`download=True`"):
         predict(tmp_path / "im", max_frames=10)
     # The tiny checkpoint is not VGGT-1B: the loader names tensors it lacks.
     with pytest.raises(UserError, match=r"tiny_conv_strong_s1.pt lacks \d+ of VGGT's \d+ tensors, e.g. aggregator\."):
         predict(tmp_path / "im", weights=FIXTURES / "tiny_conv_strong_s1.pt", max_frames=10)
 
 
+@pytest.mark.slow
 def test_windows_chain_the_model_outputs(model, tmp_path):
     """Five real photos in windows of three sharing one frame: the first window is a plain pass over its frames,
     the second is the pass over its own frames carried by one similarity (depth scaled by its scale)."""

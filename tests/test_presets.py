@@ -176,6 +176,7 @@ def test_fast_from_the_command_line(outputs, scene):
     assert _summary(outputs("fast"))["details"]["refine"]["rounds"] <= 3
 
 
+@pytest.mark.slow
 def test_accurate(outputs, scene):
     model = _assert_bundle_adjusted_accuracy(outputs("accurate"), scene)
     assert _camera_models(model) == {"OPENCV"}
@@ -184,6 +185,7 @@ def test_accurate(outputs, scene):
     assert abs(camera.principal_point_x - _prior_principal_point(scene)[0]) > 0.1  # principal point refined
 
 
+@pytest.mark.slow
 def test_gsplat_layout_and_dense_points(outputs, scene):
     output = outputs("gsplat")
     _assert_bundle_adjusted_accuracy(output, scene)
@@ -244,3 +246,10 @@ def test_colmap_init_database_and_no_bundle_adjustment(outputs, scene):
         assert db.num_keypoints() > 1000 * len(NAMES)
         assert db.num_verified_image_pairs() == summary["details"]["verified_pairs"] > 0
         assert len(db.read_all_pose_priors()) == len(NAMES)
+
+
+def test_good_runs_pass_the_sanity_checks(outputs):
+    """No false alarm: the quick presets' runs (colmap-init without bundle adjustment too) end "ok"."""
+    for name in ("default", "fast", "colmap-init"):
+        summary = _summary(outputs(name))
+        assert (summary["status"], summary["failure_reasons"]) == ("ok", []), name

@@ -114,7 +114,7 @@ def test_offline_without_weights_says_where_to_put_them(clean_env):
     message = str(info.value)
     assert "\n" not in message
     assert "https://huggingface.co/facebook/VGGT-1B/resolve/main/model.pt" in message
-    assert "--weights" in message and ENV_VAR in message and "--download" in message and str(clean_env) in message
+    assert "`weights`" in message and ENV_VAR in message and "`download=True`" in message and str(clean_env) in message
     # Asked to download while offline: a clear message, not a traceback.
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub"):
         find_weights(download=True)

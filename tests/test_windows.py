@@ -22,7 +22,7 @@ from vggt_sfm.evaluation.simulate import NoiseLevel, simulate_prior
 from vggt_sfm.predictions import Predictions
 from vggt_sfm.windows import chain_windows, default_overlap, transform_predictions, window_ranges, window_similarity
 
-FERN = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "llff_fern" / "gt"
+FERN = Path(__file__).parent / "fixtures" / "gt" / "llff_fern"  # the ground-truth cameras of shared/datasets/llff_fern
 EXACT = NoiseLevel(rotation_deg=0.0, center_fraction=0.0, focal_fraction=0.0)
 
 

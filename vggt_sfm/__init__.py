@@ -24,6 +24,7 @@ _PUBLIC = {
     "save_predictions": "predictions",
     "PipelineConfig": "config",
     "load_preset": "config",
+    "apply_overrides": "config",
     "list_presets": "config",
     "UserError": "errors",
 }

@@ -1,14 +1,22 @@
 """`vggt-sfm reconstruct | predict | pipelines | evaluate | simulate`.
 
 The command line only parses arguments and calls the Python API; everything it does is available from Python.
-User mistakes end with one line on stderr and exit status 2; Ctrl-C with status 130, SIGTERM with 143.
+
+Exit status: 0 done; 2 a user mistake (one line on stderr); 3 `reconstruct` finished but its result failed the
+sanity checks (`vggt_sfm.sanity`: no points, a large reprojection error, most frames not refined; the output is
+kept for inspection and its summary.json says why); 130 Ctrl-C; 143 SIGTERM; 141 stdout closed early (e.g. piped
+into `head`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
+import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,50 @@ RECONSTRUCT_OVERRIDES: dict[str, str] = {
 }
 
 
+# The option that sets each parameter or configuration value an error message names (`errors.param`).
+PARAMETER_OPTIONS: dict[str, str] = {
+    "images_dir": "--images",
+    "predictions": "--predictions",
+    "output": "--output",
+    "overwrite": "--overwrite",
+    "weights": "--weights",
+    "download": "--download",
+    "device": "--device",
+    "dtype": "--dtype",
+    "heads": "--heads",
+    "window": "--window",
+    "window_overlap": "--window-overlap",
+    **{path: "--" + name.replace("_", "-") for name, path in RECONSTRUCT_OVERRIDES.items() if name != "ba"},
+}
+_PARAM = re.compile(r"`([\w.]+)(?:=([^`]*))?`")
+
+EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help where X says something: not for flags, nor for options whose
+    value comes from the preset (their default is None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unsaid = action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS
+        if "default" in text or not action.option_strings or unsaid:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _int_list(text: str) -> list[int]:
+    """`2,4,8` -> [2, 4, 8], for argparse (its error names the option and the value)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, e.g. 2,4,8; got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers of at least 1, e.g. 2,4,8; got '{text}'")
+    return values
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every stage (and COLMAP's own output)")
 
@@ -52,17 +104,24 @@ def _add_weights(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="VGGT checkpoint (model.pt or .safetensors); default: $VGGT_SFM_WEIGHTS or the Hugging Face cache")
     parser.add_argument("--download", action="store_true", help="download facebook/VGGT-1B (5 GB) if it is not found locally")
     parser.add_argument("--preprocess", choices=["crop", "pad"], default=None, help="VGGT input preprocessing (default: crop)")
-    parser.add_argument("--device", default=None, help="auto | cpu | cuda")
-    parser.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto, a GPU when there is one)")
+    parser.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default: auto, bfloat16 on a GPU)")
     parser.add_argument("--window", type=int, default=None, help="run VGGT on overlapping windows of N frames (when all frames do not fit)")
     parser.add_argument("--window-overlap", type=int, default=None, help="frames shared by consecutive windows (default: a quarter of --window)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vggt-sfm", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="vggt-sfm", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    rec = sub.add_parser("reconstruct", help="images (+ predictions) -> bundle-adjusted COLMAP model")
+    rec = sub.add_parser(
+        "reconstruct", help="images (+ predictions) -> bundle-adjusted COLMAP model", formatter_class=_HelpFormatter,
+        description="Options without a stated default take the --pipeline preset's value "
+        "(`vggt-sfm pipelines --show NAME` prints them).",
+    )
     rec.add_argument("--images", required=True, help="folder of images")
     rec.add_argument("--predictions", help="predictions .npz (from `vggt-sfm predict` or the VGGT demos); default: run VGGT")
     rec.add_argument("--output", required=True, help="output folder (sparse/0, points3D.ply, summary.json, ...)")
@@ -74,43 +133,48 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--resize-max", type=int, help="longest image side for feature extraction")
     rec.add_argument("--pairs", choices=["auto", "exhaustive", "prior"], help="image pair selection")
     rec.add_argument("--num-neighbors", type=int, help="pairs per image when chosen from the prior")
-    rec.add_argument("--camera-model", choices=["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "OPENCV"])
+    rec.add_argument("--camera-model", choices=["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "OPENCV"], help="COLMAP camera model of the output")
     rec.add_argument("--shared-camera", action=argparse.BooleanOptionalAction, default=None, help="one camera for all images")
-    rec.add_argument("--refine-principal-point", action=argparse.BooleanOptionalAction, default=None)
-    rec.add_argument("--refine-distortion", action=argparse.BooleanOptionalAction, default=None)
+    rec.add_argument("--refine-principal-point", action=argparse.BooleanOptionalAction, default=None, help="let bundle adjustment move the principal point")
+    rec.add_argument("--refine-distortion", action=argparse.BooleanOptionalAction, default=None, help="let bundle adjustment refine the distortion parameters")
     rec.add_argument("--ba-rounds", type=int, help="bundle-adjustment rounds at most")
     rec.add_argument("--no-ba", dest="ba", action="store_false", default=None, help="write the initial model without bundle adjustment")
     rec.add_argument("--database", action="store_true", default=None, help="also write OUTPUT/database.db (COLMAP 4 schema)")
     rec.add_argument("--export", action="append", choices=["gsplat", "nerfstudio"], help="extra export (repeatable)")
     rec.add_argument("--dense-points", type=int, help="dense initial points from depth for the exports (at most N)")
-    rec.add_argument("--downscales", type=lambda s: [int(x) for x in s.split(",") if x], help="gsplat: also write images_N, e.g. 2,4,8")
+    rec.add_argument("--downscales", type=_int_list, metavar="N,N,...", help="gsplat: also write images_N, e.g. 2,4,8")
     rec.add_argument("--text", action="store_true", default=None, help="also write the text model")
     rec.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override any preset value")
-    rec.add_argument("--gt", help="ground-truth COLMAP model of the same images: print the accuracy at the end")
+    rec.add_argument("--gt", help="ground-truth COLMAP model of the same images: print the accuracy at the end (and keep it in summary.json)")
     _add_common(rec)
+    rec.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary (no progress, no warnings)")
+    rec.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (as summary.json), for scripts")
 
-    pred = sub.add_parser("predict", help="images -> VGGT predictions file (.npz)")
-    pred.add_argument("--images", required=True)
+    pred = sub.add_parser("predict", help="images -> VGGT predictions file (.npz)", formatter_class=_HelpFormatter)
+    pred.add_argument("--images", required=True, help="folder of images")
     pred.add_argument("--output", required=True, help="predictions file to write (.npz)")
     pred.add_argument("--heads", default="camera,depth", help="heads to run: camera,depth[,point,track]")
-    pred.add_argument("--overwrite", action="store_true")
+    pred.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     _add_weights(pred)
     _add_common(pred)
 
-    pipes = sub.add_parser("pipelines", help="list the pipeline presets")
+    pipes = sub.add_parser("pipelines", help="list the pipeline presets", formatter_class=_HelpFormatter)
     pipes.add_argument("--show", metavar="NAME", help="print one preset's full configuration")
 
-    ev = sub.add_parser("evaluate", help="compare a model with a ground-truth model of the same images")
+    ev = sub.add_parser("evaluate", help="compare a model with a ground-truth model of the same images", formatter_class=_HelpFormatter)
     ev.add_argument("--model", required=True, help="COLMAP model folder (e.g. OUTPUT/sparse/0)")
     ev.add_argument("--gt", required=True, help="ground-truth COLMAP model folder")
     ev.add_argument("--json", action="store_true", help="print all metrics as JSON")
 
-    sim = sub.add_parser("simulate", help="write a simulated VGGT-like prior from a ground-truth model (for development)")
-    sim.add_argument("--gt", required=True)
-    sim.add_argument("--images", required=True)
-    sim.add_argument("--output", required=True)
-    sim.add_argument("--level", default="vggt", choices=["easy", "vggt", "hard"])
-    sim.add_argument("--seed", type=int, default=0)
+    sim = sub.add_parser(
+        "simulate", help="write a simulated VGGT-like prior from a ground-truth model (for development)",
+        formatter_class=_HelpFormatter,
+    )
+    sim.add_argument("--gt", required=True, help="ground-truth COLMAP model folder")
+    sim.add_argument("--images", required=True, help="the images folder the model belongs to")
+    sim.add_argument("--output", required=True, help="predictions file to write (.npz)")
+    sim.add_argument("--level", default="vggt", choices=["easy", "vggt", "hard"], help="noise level (vggt: 2 deg rotation, 3 %% centre, 5 %% focal)")
+    sim.add_argument("--seed", type=int, default=0, help="random seed of the noise")
     sim.add_argument("--outlier-frames", type=int, default=0, help="frames given a 20-degree rotation error")
     sim.add_argument("--depth-from", help="COLMAP model with 3D points of the same images: add simulated depth maps")
     sim.add_argument("--failure-modes", default="", help="VGGT's structured errors to add, comma-separated: focal-bias, "
@@ -128,7 +192,7 @@ def _reconstruct_config(args: argparse.Namespace):
         if value is not None:
             overrides.append((path.split("."), value))
     overrides += [parse_override(text) for text in args.overrides]
-    return apply_overrides(config, overrides)
+    return apply_overrides(config, overrides, source="command line")
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -146,15 +210,36 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         weights=args.weights,
         download=args.download,
-        progress=True,
+        progress=not args.quiet,
+        ground_truth=gt,
+        command=shlex.join(["vggt-sfm", *args.argv]),
     )
-    print(result.summary.format())
-    print(f"wrote {result.output}/sparse/0")
-    if gt is not None:
-        from .evaluation.metrics import evaluate
+    return _report_reconstruction(result, as_json=args.json)
 
-        print("accuracy vs ground truth: " + evaluate(result.reconstruction, gt).summary())
-    return 0
+
+def _report_reconstruction(result, as_json: bool) -> int:
+    """Print the end of a run: the summary (or its JSON), every path written, the accuracy; FAILED on stderr."""
+    from .sanity import EXIT_FAILED, STATUS_OK
+
+    summary = result.summary
+    if as_json:
+        print(summary.to_json())
+    else:
+        print(summary.format())
+        print(f"wrote {result.output}:")
+        for entry in summary.paths_written:
+            print(f"  {result.output}/{entry}")
+        if result.accuracy is not None:
+            print("accuracy vs ground truth: " + result.accuracy.summary())
+    if summary.status == STATUS_OK:
+        return 0
+    # The reasons are in the summary printed above (and in summary.json); stderr says that the run failed.
+    print(
+        f"vggt-sfm: {summary.status}: the result fails the sanity checks ({len(summary.failure_reasons)} reason(s) "
+        f"above); the output is kept in {result.output} for inspection",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -207,9 +292,13 @@ def _read_model(path: str, flag: str):
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.metrics import evaluate
+    from .report import json_ready
 
-    result = evaluate(_read_model(args.model, "--model"), _read_model(args.gt, "--gt"))
-    print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
+    result = evaluate(
+        _read_model(args.model, "--model"), _read_model(args.gt, "--gt"),
+        labels=(f"--model {args.model}", f"--gt {args.gt}"),
+    )
+    print(json.dumps(json_ready(result.as_dict()), indent=2) if args.json else result.summary())
     return 0
 
 
@@ -235,18 +324,55 @@ COMMANDS = {
 }
 
 
+def in_cli_terms(message: str) -> str:
+    """An error message with each parameter it names (`errors.param`) written as this command line's option."""
+
+    def option(match: re.Match) -> str:
+        name, text = match.groups()
+        flag = PARAMETER_OPTIONS.get(name)
+        if flag is None:
+            return match.group(0)
+        if text is None:
+            return flag
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if value is True:
+            return flag
+        values = value if isinstance(value, list) else [value]
+        return " ".join(f"{flag} {item}" for item in values)
+
+    return _PARAM.sub(option, message)
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`| head`): stop quietly; later writes (at exit) go nowhere."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (captured): nothing is flushed at exit
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vggt-sfm` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from .log import configure_logging
 
-    configure_logging(verbose=getattr(args, "verbose", False))
+    configure_logging(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
     try:
         with terminate_as_interrupt():
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # here, so that a closed pipe is caught below rather than at exit
+            return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except UserError as error:
-        print(f"vggt-sfm: error: {error}", file=sys.stderr)
-        return 2
+        print(f"vggt-sfm: error: {in_cli_terms(str(error))}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt as interrupt:
         print("vggt-sfm: interrupted; no results were written (rerun to resume from the cached stages)", file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130

@@ -29,7 +29,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def _presets_dir() -> Path:
+    """`pipelines/` of a source checkout, or the copy a wheel ships inside the package (`vggt_sfm/presets`)."""
+    installed = Path(__file__).resolve().parent / "presets"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "pipelines"
+
+
+PRESETS_DIR = _presets_dir()
 EXPORT_FORMATS = ("gsplat", "nerfstudio")
 
 
@@ -211,8 +219,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(config: PipelineConfig, overrides: list[tuple[list[str], Any]], source: str = "command line") -> PipelineConfig:
-    """Apply (path, value) overrides such as (['features', 'max_keypoints'], 2048)."""
+def apply_overrides(config: PipelineConfig, overrides: list[tuple[list[str], Any]], source: str = "overrides") -> PipelineConfig:
+    """Apply (path, value) overrides such as (['features', 'max_keypoints'], 2048); errors start with `source`."""
     for path, value in overrides:
         nested: Any = value
         for part in reversed(path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
+from .errors import UserError, param
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def list_images(images_dir: Path | str) -> list[str]:
     """Names (relative, sorted) of the image files below `images_dir`, searched recursively."""
     images_dir = Path(images_dir)
     if not images_dir.exists():
-        raise UserError(f"images folder not found: {images_dir} (pass an existing folder of photos with --images)")
+        raise UserError(f"images folder not found: {images_dir} (pass an existing folder of photos as {param('images_dir')})")
     if not images_dir.is_dir():
-        raise UserError(f"--images must be a folder, but {images_dir} is a file")
+        raise UserError(f"{param('images_dir')} must be a folder, but {images_dir} is a file")
     names = sorted(
         p.relative_to(images_dir).as_posix()
         for p in images_dir.rglob("*")
@@ -179,7 +179,7 @@ def scan_images(
     for name in names:
         path = images_dir / name
         if not path.is_file():
-            raise UserError(f"image {path} not found (the predictions name it; check --images)")
+            raise UserError(f"image {path} not found (the predictions name it; check {param('images_dir')})")
         try:
             infos.append(read_image_info(path, name))
         except UserError as error:

@@ -38,6 +38,10 @@ def quiet_pycolmap(quiet: bool = True) -> Iterator[None]:
             set_pycolmap_quiet(True)
 
 
+_CLEAR_LINE = "\r\x1b[K"  # back to the start of the line and erase it (any ANSI terminal)
+_stage_shown = False  # a stage line without its newline is on the terminal
+
+
 class _CurrentStderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time of the message (it may be replaced, e.g. by tests)."""
 
@@ -49,10 +53,34 @@ class _CurrentStderrHandler(logging.StreamHandler):
     def stream(self, value) -> None:
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        clear_stage()  # a message never lands on the end of the stage line
+        super().emit(record)
 
-def configure_logging(verbose: bool = False) -> None:
-    """Log our messages to stderr: INFO when verbose, WARNING otherwise; COLMAP's only when verbose."""
-    level = logging.INFO if verbose else logging.WARNING
+
+def show_stage(name: str) -> None:
+    """On a terminal, one line `vggt-sfm: NAME ...` that the next stage replaces; nothing when not a terminal."""
+    global _stage_shown
+    if not sys.stderr.isatty():
+        return
+    sys.stderr.write(f"{_CLEAR_LINE}vggt-sfm: {name} ...")
+    sys.stderr.flush()
+    _stage_shown = True
+
+
+def clear_stage() -> None:
+    """Erase the stage line `show_stage` left, if any."""
+    global _stage_shown
+    if _stage_shown:
+        sys.stderr.write(_CLEAR_LINE)
+        sys.stderr.flush()
+        _stage_shown = False
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Log our messages to stderr: INFO when verbose, WARNING otherwise, ERROR only when quiet; COLMAP's only
+    when verbose."""
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     if not any(isinstance(h, _CurrentStderrHandler) for h in logger.handlers):
         handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("vggt-sfm: %(levelname)s: %(message)s"))

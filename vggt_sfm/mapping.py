@@ -570,7 +570,9 @@ def _triangulation_angles(obs: _Observations, points: np.ndarray, poses: np.ndar
     R, t = poses[:, :, :3], poses[:, :, 3]
     centers = -np.einsum("sji,sj->si", R, t)
     rays = points[obs.track] - centers[obs.image]
-    rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+    lengths = np.linalg.norm(rays, axis=1, keepdims=True)
+    # A point on a camera centre (cameras that coincide triangulate to it) has no ray: angle 0, i.e. too narrow.
+    rays = np.divide(rays, lengths, out=np.zeros_like(rays), where=lengths > 0)
     starts = obs.tracks.offsets()[:-1]
 
     def farthest_from(reference: np.ndarray) -> np.ndarray:
@@ -579,9 +581,12 @@ def _triangulation_angles(obs: _Observations, points: np.ndarray, poses: np.ndar
         return rays[order[starts]]
 
     mean = np.add.reduceat(rays, starts, axis=0)
-    first = farthest_from(mean / np.linalg.norm(mean, axis=1, keepdims=True))
+    mean_length = np.linalg.norm(mean, axis=1, keepdims=True)
+    first = farthest_from(np.divide(mean, mean_length, out=np.zeros_like(mean), where=mean_length > 0))
     second = farthest_from(first)
-    return np.degrees(np.arccos(np.clip(np.einsum("ti,ti->t", first, second), -1.0, 1.0)))
+    angles = np.degrees(np.arccos(np.clip(np.einsum("ti,ti->t", first, second), -1.0, 1.0)))
+    has_rays = (np.abs(first).sum(axis=1) > 0) & (np.abs(second).sum(axis=1) > 0)
+    return np.where(has_rays, angles, 0.0)
 
 
 def _track_points(

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, param
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def output_lock(output: Path) -> Iterator[None]:
             os.close(fd)
             raise UserError(
                 f"another vggt-sfm run (pid {holder}) is writing {output} (lock {path}); wait for it to finish "
-                "or choose another --output"
+                f"or choose another {param('output')}"
             ) from None
         # The previous holder unlinks the file when it releases it: a lock on an unlinked file reserves nothing.
         try:
@@ -120,7 +120,7 @@ def write_error(error: OSError, output: Path) -> UserError | None:
     where = f" ({error.filename})" if error.filename else ""
     kept = f"; the previous results in {output} are unchanged" if output.exists() else ""
     fix = "free some space" if error.errno in _FULL_ERRORS else "make the folder writable"
-    return UserError(f"cannot write {output}: {error.strerror or error}{where}; {fix} or choose another --output{kept}")
+    return UserError(f"cannot write {output}: {error.strerror or error}{where}; {fix} or choose another {param('output')}{kept}")
 
 
 @contextlib.contextmanager
@@ -130,9 +130,12 @@ def reserved_output(output: Path | None, overwrite: bool) -> Iterator[Path | Non
         yield None
         return
     if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder")
+        raise UserError(f"{param('output')} {output} is a file; give a folder")
     if output.exists() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output folder {output} already holds results; pass --overwrite or choose another --output")
+        raise UserError(
+            f"output folder {output} already holds results; pass {param('overwrite', True)} or choose another "
+            f"{param('output')}"
+        )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with output_lock(output):
@@ -144,7 +147,7 @@ def reserved_output(output: Path | None, overwrite: bool) -> Iterator[Path | Non
                 if isinstance(error, OSError):
                     problem = write_error(error, output)
                 kept = _discard_failed(work)
-                note = f"the finished stages' cache is kept in {work / CACHE_FOLDER}: rerun with the same --output to resume"
+                note = f"the finished stages' cache is kept in {work / CACHE_FOLDER}: rerun with the same {param('output')} to resume"
                 if problem is not None:  # still one line
                     raise UserError(f"{problem}; {note}" if kept else str(problem)) from None
                 if kept and not isinstance(error, KeyboardInterrupt):  # the command line says it for Ctrl-C

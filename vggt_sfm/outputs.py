@@ -15,7 +15,7 @@ from typing import Any
 import pycolmap
 
 from .config import PipelineConfig
-from .errors import UserError
+from .errors import UserError, param
 from .export.colmap import write_model
 from .export.ply import reconstruction_points, write_ply
 from .predictions import Predictions
@@ -28,8 +28,8 @@ def check_output_requirements(config: PipelineConfig, predictions: Predictions) 
     """Refuse, before any work, an export whose inputs are missing."""
     if config.output.dense_points > 0 and predictions.depth is None:
         raise UserError(
-            "dense points (--dense-points / output.dense_points) need depth predictions, but the predictions have "
-            "no 'depth' (run `vggt-sfm predict`, which saves depth, or set --dense-points 0)"
+            "dense points need depth predictions, but the predictions have no 'depth' "
+            f"(run `vggt-sfm predict`, which saves depth, or set {param('output.dense_points', 0)})"
         )
 
 

@@ -29,13 +29,17 @@ from . import tracks as tracks_stage
 from . import view_graph as view_graph_stage
 from .cache import StageCache, file_fingerprint, stage_key
 from .config import PipelineConfig, load_preset
-from .errors import UserError
+from .errors import UserError, param
 from .images import ImageInfo, list_images, scan_images
-from .log import quiet_pycolmap
+from .log import clear_stage, quiet_pycolmap, show_stage
 from .output_folder import commit_output, reserved_output
 from .outputs import check_output_requirements, write_outputs
 from .predictions import Predictions, check_image_geometry, load_predictions, match_images, shown_names
 from .prior import PriorCameras, prior_from_predictions
+from . import __version__
+from .evaluation.metrics import check_common_images, evaluate, read_ground_truth
+from .report import json_ready, label_reprojection_errors, output_entries
+from .sanity import STATUS_OK, check_run, status_of
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +56,29 @@ class ReconstructionSummary:
     mean_track_length: float
     mean_reprojection_error: float
     mean_observations_per_image: float
-    not_refined: list[str] = field(default_factory=list)  # kept their predicted pose: too few verified matches
+    not_refined: list[str] = field(default_factory=list)  # kept their predicted pose: too few observations
     relocalized: list[str] = field(default_factory=list)  # prior pose disagreed with the matches; re-estimated
     skipped_images: list[str] = field(default_factory=list)  # unreadable
     stage_seconds: dict[str, float] = field(default_factory=dict)
     cached_stages: list[str] = field(default_factory=list)
     bundle_adjusted: bool = True
+    # The initial model's (triangulated from the prior, before bundle adjustment); the one above is the final's.
+    initial_mean_reprojection_error: float | None = None
+    status: str = STATUS_OK  # "ok", or "FAILED" when the result fails the checks of `sanity.check_run`
+    failure_reasons: list[str] = field(default_factory=list)
+    paths_written: list[str] = field(default_factory=list)  # relative to the output folder
+    accuracy: dict[str, Any] | None = None  # against `ground_truth`, when given
+    version: str = __version__  # of vggt-sfm
+    command: str | None = None  # the command line, when run from it
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved configuration (preset + overrides)
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_json(self) -> str:
+        """The summary as strict JSON (NaN and infinities written as null), as `summary.json` holds it."""
+        return json.dumps(json_ready(self.as_dict()), indent=2)
 
     def format(self) -> str:
         """A short human summary of the run."""
@@ -69,11 +86,16 @@ class ReconstructionSummary:
             f"registered {self.num_registered}/{self.num_images} images, {self.num_points} points, "
             f"mean track length {self.mean_track_length:.2f}, "
             f"mean reprojection error {self.mean_reprojection_error:.3f} px"
+            + (
+                f" ({self.initial_mean_reprojection_error:.2f} px before bundle adjustment)"
+                if self.bundle_adjusted and self.initial_mean_reprojection_error is not None
+                else ""
+            )
             + ("" if self.bundle_adjusted else " (no bundle adjustment)"),
         ]
         if self.not_refined:
             lines.append(
-                f"NOT refined (too few verified matches, predicted pose kept): {', '.join(self.not_refined)}"
+                f"NOT refined (too few triangulated observations, predicted pose kept): {', '.join(self.not_refined)}"
             )
         if self.relocalized:
             lines.append(f"re-localised (prior pose disagreed with matches): {', '.join(self.relocalized)}")
@@ -84,6 +106,8 @@ class ReconstructionSummary:
             for name, seconds in self.stage_seconds.items()
         )
         lines.append(f"time: {times}; total {sum(self.stage_seconds.values()):.1f}s")
+        if self.failure_reasons:
+            lines.append(f"{self.status}: " + "; ".join(self.failure_reasons))
         return "\n".join(lines)
 
 
@@ -104,21 +128,26 @@ class ReconstructionResult:
     reconstruction: pycolmap.Reconstruction
     summary: ReconstructionSummary
     output: Path | None = None
+    accuracy: Any = None  # evaluation.metrics.EvaluationResult against `ground_truth`, when given
 
 
 class _Timer:
-    def __init__(self) -> None:
+    def __init__(self, show: bool = False) -> None:
         self.seconds: dict[str, float] = {}
         self.cached: list[str] = []
+        self.show = show  # a one-line stage indicator on a terminal
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         logger.info("%s ...", name)
+        if self.show:
+            show_stage(name)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            clear_stage()
 
 
 def _load_inputs(
@@ -201,18 +230,40 @@ def run(
     weights: str | Path | None = None,
     download: bool = False,
     progress: bool = True,
+    ground_truth: pycolmap.Reconstruction | str | Path | None = None,
+    command: str | None = None,
 ) -> ReconstructionResult:
     """Reconstruct a folder of images, initialised by VGGT predictions (a file, a Predictions, or run VGGT).
 
-    Without `config`, the `default` preset (`pipelines/default.toml`) is used, as on the command line.
+    - `images_dir`: the folder of photos (the command line's `--images`).
+    - `predictions`: a predictions `.npz` or a `Predictions`; None runs VGGT (`weights`, `download` as for
+      `vggt_sfm.predict`).
+    - `config`: a `PipelineConfig`; None is the `default` preset (`pipelines/default.toml`), as on the command
+      line. Pick another and change values with `config.load_preset` and `config.apply_overrides`:
 
-    With `output`, writes `sparse/0/` (binary model), `points3D.ply`, `summary.json` (and the extras the config
-    asks for) atomically, caching every stage's result under `output/cache/` so that a rerun resumes.
-    A second run writing the same output refuses; a failed one leaves only its finished stages' cache.
+          config = apply_overrides(load_preset("accurate"), [(["features", "max_keypoints"], 4096)])
+
+    - `output`: the folder to write; None writes nothing. It gets `sparse/0/` (binary model), `points3D.ply`,
+      `summary.json` and the extras the config asks for, atomically, with every stage's result cached under
+      `output/cache/` so that a rerun resumes; existing results are replaced only with `overwrite`.
+      A second run writing the same output refuses; a failed one leaves only its finished stages' cache.
+    - `progress`: progress bars and a stage line on a terminal (stderr); nothing when stderr is not a terminal.
+    - `ground_truth`: a COLMAP model (folder or `pycolmap.Reconstruction`) of the same images: the result's
+      `accuracy` and the summary's `accuracy` hold the errors against it.
+    - `command`: the command line to record in the summary.
+
+    The summary's `status` is "FAILED" (with `failure_reasons`) when the result fails the sanity checks of
+    `vggt_sfm.sanity` (no points, a large reprojection error, most frames not refined); the output is written
+    all the same, for inspection. User mistakes raise `UserError`.
     """
+    gt = read_ground_truth(ground_truth) if ground_truth is not None else None
+    if gt is not None:  # before any work: a ground truth of other images is a mistake
+        check_common_images(list_images(Path(images_dir)), gt.image_names, f"images folder {images_dir}",
+                            "the ground truth", warn=False)  # fmt: skip
     output_path = Path(output) if output is not None else None
     with reserved_output(output_path, overwrite) as work:
-        return _run_stages(images_dir, predictions, output_path, work, config, weights, download, progress)
+        return _run_stages(images_dir, predictions, output_path, work, config, weights, download, progress, gt,
+                           command)  # fmt: skip
 
 
 def _run_stages(
@@ -224,10 +275,12 @@ def _run_stages(
     weights: str | Path | None,
     download: bool,
     progress: bool,
+    gt: PriorCameras | None,
+    command: str | None,
 ) -> ReconstructionResult:
     config = config or load_preset("default")  # the same run as the command line's default
     images_dir = Path(images_dir)
-    timer = _Timer()
+    timer = _Timer(show=progress)
     cache = StageCache(work / "cache" if work is not None else None)
 
     with timer.stage("images"):
@@ -256,6 +309,14 @@ def _run_stages(
         images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress
     )
     summary.skipped_images = skipped
+    summary.config, summary.command = config.as_dict(), command
+    accuracy = evaluate(reconstruction, gt, labels=("the model", "the ground truth")) if gt is not None else None
+    summary.accuracy = accuracy.as_dict() if accuracy is not None else None
+    summary.failure_reasons = check_run(
+        summary.num_images, summary.num_points, summary.mean_reprojection_error, summary.not_refined, prior,
+        bundle_adjusted=summary.bundle_adjusted,
+    )
+    summary.status = status_of(summary.failure_reasons)
 
     if work is not None:
         with timer.stage("write"):
@@ -263,10 +324,11 @@ def _run_stages(
                 work, reconstruction, config, images_dir, prior, predictions_used, stages
             )
         summary.stage_seconds = dict(timer.seconds)
-        (work / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
+        summary.paths_written = output_entries(work) + ["summary.json"]
+        (work / "summary.json").write_text(summary.to_json())
         commit_output(work, output_path)
     summary.stage_seconds = dict(timer.seconds)
-    return ReconstructionResult(reconstruction=reconstruction, summary=summary, output=output_path)
+    return ReconstructionResult(reconstruction=reconstruction, summary=summary, output=output_path, accuracy=accuracy)
 
 
 def _reconstruct_from_prior(
@@ -341,6 +403,7 @@ def _reconstruct_from_prior(
                     features=features,
                     verified=checked.verified,
                     constant_images=_image_ids(names, mapping_report.not_refined),
+                    progress=progress,
                 )
                 if config.mapping.extract_colors:
                     mapping_stage.color_points(reconstruction, features)  # points made by re-triangulation
@@ -375,6 +438,7 @@ def _reconstruct_from_prior(
         },
         **numbers,
     )
+    summary.initial_mean_reprojection_error = label_reprojection_errors(summary.details)
     return reconstruction, summary, StageResults(features, raw, verified, tracks)
 
 
@@ -412,5 +476,9 @@ def reconstruct(
     config: PipelineConfig | None = None,
     **kwargs: Any,
 ) -> pycolmap.Reconstruction:
-    """Reconstruct a folder of images and return the refined `pycolmap.Reconstruction` (see `run`)."""
+    """Reconstruct a folder of images and return the refined `pycolmap.Reconstruction`.
+
+    `kwargs` are those of `run`: `overwrite`, `weights`, `download`, `progress`, `ground_truth`. Check
+    `run(...).summary.status` instead when the result's sanity matters (a FAILED run still returns its model).
+    """
     return run(images_dir, predictions=predictions, output=output, config=config, **kwargs).reconstruction

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, param
 from .images import list_images, scan_images
 from .log import progress as log_progress
 from .predictions import Predictions, save_predictions, vggt_grid_from_image
@@ -85,7 +85,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {device!r}; use auto, cpu or cuda") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+        raise UserError(f"device {device} asked for, but PyTorch sees no CUDA GPU here; use {param('device', 'cpu')}")
     if resolved.type not in ("cpu", "cuda"):
         raise UserError(f"device {device!r} is not supported; use auto, cpu or cuda")
     return resolved
@@ -137,7 +137,7 @@ def parse_heads(heads: Iterable[str]) -> tuple[str, ...]:
         if key in ("track", "tracks"):
             raise UserError(
                 "the track head is not run by `predict`: the predictions file has no tracks "
-                "(vggt-sfm matches features instead); use --heads camera,depth[,point]"
+                f"(vggt-sfm matches features instead); use {param('heads', 'camera,depth[,point]')}"
             )
         if key not in HEAD_NAMES:
             raise UserError(f"unknown head {name!r}; choose from camera, depth, point")
@@ -218,9 +218,9 @@ def _check_fits(
     gpu_hint = " or use a GPU" if device.type == "cpu" else ""
     if num_frames > fit:
         what = f"a window of {num_frames} frames needs" if windowed else f"{num_frames} frames need"
-        hint = f"; use a smaller --window (at most {fit})" if windowed else "; pass fewer images"
+        hint = f"; use a smaller {param('window')} (at most {fit})" if windowed else "; pass fewer images"
         if not windowed and fit >= 2:
-            hint += f" or predict in overlapping windows (--window {fit})"
+            hint += f" or predict in overlapping windows ({param('window', fit)})"
         raise UserError(
             f"{what} about {estimate.needed(num_frames) / gb:.1f} GB for VGGT on {device}, "
             f"but {estimate.available / gb:.1f} GB are free: about {fit} frames fit{hint}{gpu_hint}"
@@ -310,7 +310,7 @@ def predict(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if window and "depth" not in run_heads:
-        raise UserError("predicting in windows needs the depth head (windows are aligned by their depth); add depth to --heads")
+        raise UserError(f"predicting in windows needs the depth head (windows are aligned by their depth); add depth to {param('heads')}")
     infos = scan_images(images_dir, list_images(images_dir), min_images=1)
     names = [info.name for info in infos]
     _, grid_size = vggt_grid_from_image([(info.width, info.height) for info in infos], preprocess)
@@ -375,5 +375,5 @@ def _run_checked(
         raise UserError(
             f"{device} ran out of memory running VGGT on {len(images)} frames"
             + (f" (about {fit} should fit)" if fit is not None else "")
-            + "; pass fewer images or a smaller --window"
+            + f"; pass fewer images or a smaller {param('window')}"
         ) from None

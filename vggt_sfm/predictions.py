@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, param
 
 VGGT_IMAGE_SIZE = 518
 VGGT_PATCH_SIZE = 14
@@ -289,7 +289,7 @@ def load_predictions(
     """
     path = Path(path)
     if not path.exists():
-        raise UserError(f"predictions file not found: {path} (run `vggt-sfm predict` or pass the right --predictions)")
+        raise UserError(f"predictions file not found: {path} (run `vggt-sfm predict` or pass the right {param('predictions')})")
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             zip_start = f.read(4) == b"PK\x03\x04"

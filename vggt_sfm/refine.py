@@ -25,6 +25,7 @@ import pycolmap
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .log import progress as log_progress
 from .log import quiet_pycolmap
 from .observations import ObservationTable, observation_table
 
@@ -129,8 +130,10 @@ def refine_reconstruction(
     tracks: Tracks | None = None,
     features: list[Features] | None = None,
     constant_images: Collection[int] = (),
+    progress: bool = False,
 ) -> RefineReport:
-    """Bundle-adjust `reconstruction` in place, in rounds, and report each round.
+    """Bundle-adjust `reconstruction` in place, in rounds, and report each round (a bar of rounds on a terminal
+    with `progress`).
 
     Correspondences for re-triangulation come from `verified` (image index i = image_id - 1), or else from the
     `tracks` (every two observations of a track); without either, rounds only adjust and filter.
@@ -181,7 +184,7 @@ def refine_reconstruction(
         )
         stable = False
         last_changed = True
-        for index in range(config.rounds):
+        for index in log_progress(range(config.rounds), "bundle adjustment rounds", config.rounds, progress):
             round_start = time.perf_counter()
             robust = index < config.robust_rounds and config.loss != "trivial"
             if principal_point_possible and not robust and not refine["principal_point"]:

@@ -20,6 +20,8 @@ of the camera centres to their median), which makes them comparable across data 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,8 @@ _ZERO_BASELINE = 1e-6  # of the scene extent
 ALIGNMENT_INLIER_FRACTION = 0.2  # of the scene extent
 
 CameraSource = pycolmap.Reconstruction | Predictions | PriorCameras | str | Path
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,10 +111,14 @@ class EvaluationResult:
         """One line: registration, AUCs, median rotation / centre / focal errors."""
         d = self.as_dict()
         aucs = " ".join(f"AUC@{t}={100 * v:.1f}" for t, v in self.auc.items())
+        centre = (
+            f"centre med {d['center_error_median_pct']:.2f}% ({d['center_error_median']:.4g})"
+            if self.aligned
+            else "centre n/a (no similarity aligns the cameras)"
+        )
         return (
             f"registered {self.num_registered}/{self.num_images}  {aucs}  "
-            f"rot med {d['rotation_error_median_deg']:.3f} deg  "
-            f"centre med {d['center_error_median_pct']:.2f}% ({d['center_error_median']:.4g})  "
+            f"rot med {d['rotation_error_median_deg']:.3f} deg  {centre}  "
             f"focal med {100 * d['focal_error_median']:.2f}%"
         )
 
@@ -186,6 +194,30 @@ def read_ground_truth(ground_truth: pycolmap.Reconstruction | str | Path) -> Pri
     return gt
 
 
+def check_common_images(
+    estimate_names: Sequence[str],
+    gt_names: Sequence[str],
+    estimate_label: str = "the estimate",
+    gt_label: str = "the ground truth",
+    warn: bool = True,
+) -> int:
+    """How many ground-truth images the estimate has. None is a UserError naming both sides (the ground truth
+    is of other images); a partial overlap is said in a warning, as the missing images count as failures."""
+    gt_set, common = set(gt_names), set(estimate_names) & set(gt_names)
+    if not common:
+        example = f" (e.g. {sorted(estimate_names)[0]} vs {sorted(gt_set)[0]})" if estimate_names and gt_set else ""
+        raise UserError(
+            f"{estimate_label} and {gt_label} have no image in common{example}: give the ground truth of the "
+            "same images"
+        )
+    if warn and len(common) < len(gt_set):
+        logger.warning(
+            "%d of the %d images of %s are not in %s; they count as not registered",
+            len(gt_set) - len(common), len(gt_set), gt_label, estimate_label,
+        )
+    return len(common)
+
+
 def as_cameras(estimate: CameraSource, ground_truth: PriorCameras) -> PriorCameras:
     """Any supported estimate as cameras; predictions use the ground truth's image sizes."""
     if isinstance(estimate, (str, Path)):
@@ -215,15 +247,21 @@ def evaluate(
     estimate: CameraSource,
     ground_truth: pycolmap.Reconstruction | PriorCameras | str | Path,
     thresholds: tuple[int, ...] = AUC_THRESHOLDS,
+    labels: tuple[str, str] = ("the estimate", "the ground truth"),
 ) -> EvaluationResult:
     """Compare estimated cameras with ground truth, matching images by name.
 
     `estimate` is a reconstruction, predictions, prior cameras, a model folder or a predictions file;
     `ground_truth` a reconstruction, cameras or a model folder. Ground-truth images the estimate lacks count as
-    failures; estimated images the ground truth lacks are ignored.
+    failures (said in a warning); estimated images the ground truth lacks are ignored. No image in common is a
+    UserError naming both, by `labels` (estimate, ground truth).
     """
     gt = ground_truth if isinstance(ground_truth, PriorCameras) else read_ground_truth(ground_truth)
+    if isinstance(estimate, Predictions):  # as_cameras keeps only the images the ground truth has
+        check_common_images(estimate.image_names, gt.image_names, *labels)
     est = as_cameras(estimate, gt)
+    if not isinstance(estimate, Predictions):
+        check_common_images(est.image_names, gt.image_names, *labels)
     order = np.argsort(gt.image_names)
     names = [gt.image_names[i] for i in order]
     gt_pose = gt.cam_from_world[order]

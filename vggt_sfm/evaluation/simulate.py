@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gt", required=True, type=Path, help="ground-truth COLMAP model folder")
     parser.add_argument("--images", required=True, type=Path, help="the images folder the model belongs to")
     parser.add_argument("--level", default="vggt", choices=sorted(NOISE_LEVELS), help="noise level")
-    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--seed", default=0, type=int, help="random seed of the noise")
     parser.add_argument(
         "--outliers", default="", help="comma-separated image names or indices given a 20-degree rotation error"
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
-from ..errors import UserError
+from ..errors import UserError, param
 from ..images import read_image
 from ..predictions import Predictions
 
@@ -232,10 +232,10 @@ def dense_points(
     if predictions.depth is None:
         raise UserError(
             "dense points need depth predictions, and these predictions have no 'depth' "
-            "(predict again with the VGGT model, or leave out --dense-points)"
+            f"(predict again with the VGGT model, or set {param('output.dense_points', 0)})"
         )
     if config.max_points < 1:
-        raise UserError(f"--dense-points must be at least 1, got {config.max_points}")
+        raise UserError(f"{param('output.dense_points')} must be at least 1, got {config.max_points}")
     images_dir = Path(images_dir)
     frame_of = predictions.index()
     _, grid_h, grid_w = predictions.depth.shape

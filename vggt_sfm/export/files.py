@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import UserError
+from ..errors import UserError, param
 from ..images import read_image
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def check_target(target: Path, overwrite: bool) -> None:
     """Refuse to replace an existing output unless asked to."""
     if target.exists() and not overwrite:
         kind = "folder" if target.is_dir() else "file"
-        raise UserError(f"{kind} {target} already exists; pass --overwrite to replace it, or choose another output")
+        raise UserError(f"{kind} {target} already exists; pass {param('overwrite', True)} to replace it, or choose another output")
 
 
 def check_inputs_outside(output_dir: Path, *inputs: Path) -> None:

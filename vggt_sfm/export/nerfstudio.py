@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
-from ..errors import UserError
+from ..errors import UserError, param
 from .files import atomic_output, check_inputs_outside, copy_images, write_downscaled_images
 from .ply import reconstruction_points, write_ply
 
@@ -40,7 +40,7 @@ def _camera_fields(camera: pycolmap.Camera) -> dict:
     else:
         raise UserError(
             f"nerfstudio cannot represent COLMAP's {model} camera; refine with a PINHOLE, SIMPLE_RADIAL, RADIAL, "
-            "OPENCV or fisheye camera model, or use --export gsplat (undistorted images)"
+            f"OPENCV or fisheye camera model, or use {param('output.export', ['gsplat'])} (undistorted images)"
         )
     fisheye = "FISHEYE" in model
     names = _FISHEYE if fisheye else _PERSPECTIVE

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, param
 from .vggt import HEADS, VGGT, VGGTConfig
 
 logger = logging.getLogger(__name__)
@@ -98,19 +98,19 @@ def download_weights(repo: str = HF_REPOS[0], cache_dir: Path | None = None) -> 
         except LocalEntryNotFoundError:  # offline (no connection, or HF_HUB_OFFLINE=1)
             raise UserError(
                 f"cannot reach the Hugging Face Hub to download {repo}; download {PUBLISHED_URL} (5 GB) on a "
-                f"connected machine and pass it with --weights PATH (or set {ENV_VAR}=PATH)"
+                f"connected machine and pass it as {param('weights')} (or set {ENV_VAR}=PATH)"
             ) from None
         except EntryNotFoundError as error:
             last_error = error
         except GatedRepoError:
             raise UserError(
                 f"{repo} is gated: accept its licence on https://huggingface.co/{repo} and log in with `hf auth login`, "
-                "then run again with --download"
+                f"then run again with {param('download', True)}"
             ) from None
         except Exception as error:  # offline, DNS, proxy, disk full: all end the same way for the user
             raise UserError(
                 f"could not download VGGT weights from {repo} ({type(error).__name__}: {error}); "
-                f"download {PUBLISHED_URL} by hand and pass it with --weights"
+                f"download {PUBLISHED_URL} by hand and pass it as {param('weights')}"
             ) from None
     raise UserError(f"{repo} has none of {', '.join(CHECKPOINT_FILES)} ({last_error})")
 
@@ -118,7 +118,7 @@ def download_weights(repo: str = HF_REPOS[0], cache_dir: Path | None = None) -> 
 def find_weights(weights: Path | str | None = None, download: bool = False) -> Path:
     """Where the VGGT checkpoint is: explicit path, $VGGT_SFM_WEIGHTS, the HF cache, or (if allowed) a download."""
     if weights is not None:
-        return _resolve_given(Path(weights), "--weights")
+        return _resolve_given(Path(weights), param("weights"))
     if os.environ.get(ENV_VAR):
         return _resolve_given(Path(os.environ[ENV_VAR]), f"${ENV_VAR}=")
     cached = find_cached_weights()
@@ -127,8 +127,8 @@ def find_weights(weights: Path | str | None = None, download: bool = False) -> P
     if download:
         return download_weights()
     raise UserError(
-        f"no VGGT weights found: download {PUBLISHED_URL} (5 GB) and pass it with --weights PATH "
-        f"(or set {ENV_VAR}=PATH), or run again with --download to fetch it into {hf_cache_dir()}"
+        f"no VGGT weights found: download {PUBLISHED_URL} (5 GB) and pass it as {param('weights')} "
+        f"(or set {ENV_VAR}=PATH), or run again with {param('download', True)} to fetch it into {hf_cache_dir()}"
     )
 
 
@@ -152,7 +152,7 @@ def read_checkpoint(path: Path | str, skip_prefixes: tuple[str, ...] = ()) -> di
     """
     path = Path(path)
     kind = _sniff(path)
-    fix = "download it again or point --weights at the right file"
+    fix = f"download it again or point {param('weights')} at the right file"
     if path.stat().st_size == 0:
         raise UserError(f"weights file {path} is empty; {fix}")
     if kind == "unknown":
