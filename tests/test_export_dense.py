@@ -178,3 +178,22 @@ def test_dense_points_need_depth():
     predictions.depth = None
     with pytest.raises(UserError, match="depth"):
         dense_points(predictions, model, TEMPLE / "images")
+
+
+def test_confident_wrong_depth_is_dropped_by_the_other_views():
+    # VGGT's failure mode: per-frame depth scale a few percent off (the fit absorbs it) and patches of wrong depth
+    # at the highest confidence (sky, reflections), which only the other views can contradict.
+    from vggt_sfm.evaluation.failure_modes import FailureModes, apply_depth_failures
+
+    model, predictions, center, _ = sphere_scene()
+    predictions.depth, predictions.depth_conf = apply_depth_failures(
+        FailureModes.named("depth"), np.random.default_rng(4), predictions.depth, predictions.depth_conf
+    )
+    unchecked = dense_points(predictions, model, TEMPLE / "images", DenseConfig(max_points=10**6, check_views=0))
+    checked = dense_points(predictions, model, TEMPLE / "images", DenseConfig(max_points=10**6))
+    off_before = np.mean(_radial_errors(unchecked.xyz, center) > 0.05)
+    off_after = np.mean(_radial_errors(checked.xyz, center) > 0.05)
+    assert off_before > 0.02  # the patches are there without the check
+    assert off_after < 0.25 * off_before and checked.inconsistent > 0
+    sound_before = np.sum(_radial_errors(unchecked.xyz, center) <= 0.05)
+    assert np.sum(_radial_errors(checked.xyz, center) <= 0.05) > 0.8 * sound_before  # the sound points stay

@@ -36,9 +36,10 @@ class DenseConfig:
     min_fit_points: int = 8  # sparse observations an image needs for the fit
     voxel_size: float | None = None  # None: chosen so that about `max_points` voxels remain
     max_candidates: int = 4_000_000  # pixels are subsampled on a regular grid above this many
-    # Multi-view consistency: a point is kept unless the fitted depth of every one of the (up to) `check_views`
-    # nearest other views that see it disagrees with it by more than `max_view_disagreement` (relative). VGGT is
-    # confident in places where it is wrong (sky, reflections); another view's depth there rarely agrees.
+    # Multi-view consistency: a point is kept only where one of the (up to) `check_views` nearest other views
+    # has confident depth agreeing with it within `max_view_disagreement` (relative). VGGT is confident in places
+    # where it is wrong (sky, reflections); another view's depth there rarely agrees, or is not confident. A
+    # point no other view sees cannot be confirmed and goes too (splatting densifies from the confirmed ones).
     check_views: int = 4
     max_view_disagreement: float = 0.05
     seed: int = 0
@@ -63,7 +64,7 @@ class DensePoints:
     fits: dict[str, DepthFit] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # image name -> why it gave no points
     voxel_size: float = 0.0
-    inconsistent: int = 0  # candidate points dropped: every other view that sees them disagrees
+    inconsistent: int = 0  # candidate points dropped: confirmed by no other view
 
 
 def fit_depth(predicted: np.ndarray, refined: np.ndarray, fit_shift: bool = False) -> DepthFit | None:
@@ -191,7 +192,7 @@ def _confirmed_by_other_views(
     image: pycolmap.Image, sources: list[pycolmap.Image], fits: dict[str, DepthFit], xyz: np.ndarray,
     config: DenseConfig,
 ) -> np.ndarray:
-    """(N,) bool: the points of `image` that no checked view contradicts (unseen by the others: kept)."""
+    """(N,) bool: the points of `image` that another view's confident depth confirms."""
     center = image.projection_center()
     others = sorted((o for o in sources if o.image_id != image.image_id),
                     key=lambda o: np.linalg.norm(o.projection_center() - center))[: config.check_views]  # fmt: skip
@@ -211,11 +212,11 @@ def _confirmed_by_other_views(
         fit = fits[other.name]
         depth, confidence = predictions.sample_depth(frame_of[other.name], xy[inside])
         seen = (depth > 0) & (confidence >= config.min_confidence)
+        checked[inside] = True
         rows = np.flatnonzero(inside)[seen]
         expected = fit.scale * depth[seen] + fit.shift
-        checked[rows] = True
         agreed[rows] |= np.abs(expected - z[rows]) <= config.max_view_disagreement * z[rows]
-    return agreed | ~checked
+    return agreed
 
 
 def dense_points(
