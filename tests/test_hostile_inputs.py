@@ -36,7 +36,9 @@ from vggt_sfm.features import Features, FeatureConfig, extract_features
 from vggt_sfm.images import read_image, scan_images
 from vggt_sfm.matching import PairMatches, VerifiedMatches
 from vggt_sfm.predictions import Predictions, load_predictions, save_predictions
+from vggt_sfm.prior import PriorCameras
 from vggt_sfm.tracks import Tracks
+from vggt_sfm.view_graph import CheckedPrior, ViewGraphReport
 
 ROOT = Path(__file__).resolve().parents[1]
 FOUNTAIN = ROOT / "data" / "fountain"
@@ -337,8 +339,6 @@ _HOLD_LOCK = """
 import sys, time
 from pathlib import Path
 from vggt_sfm.output_folder import output_lock
-from vggt_sfm.prior import PriorCameras
-from vggt_sfm.view_graph import CheckedPrior, ViewGraphReport
 with output_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)
