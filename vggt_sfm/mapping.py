@@ -50,6 +50,8 @@ class MappingConfig:
     # MappingReport.relocalized); nearer ones (a noisy but sound prediction) just start from the better pose.
     # (Centres are no evidence: PnP trades a camera's centre against its rotation along the viewing direction.)
     failed_prior_angle_deg: float = 5.0
+    # PnP may not turn a frame whose rotation its pairs confirm (the view graph) farther than this.
+    confirmed_max_rotation_deg: float = 10.0
     pnp_max_error: float = 0.01  # RANSAC PnP threshold, as a fraction of the image diagonal
     # VGGT fails on a few frames, not on many: when more than this fraction of the frames look failed, the
     # matches are too weak to judge them (e.g. weak texture, short tracks) and every prior pose is kept.
@@ -81,6 +83,7 @@ def initialize_reconstruction(
     config: MappingConfig | None = None,
     doubted: Collection[int] = (),
     unconfirmed: Collection[int] = (),
+    confirmed: Collection[int] = (),
 ) -> tuple[pycolmap.Reconstruction, MappingReport]:
     """Build the initial reconstruction from the prior cameras and the tracks.
 
@@ -89,7 +92,8 @@ def initialize_reconstruction(
     re-localised; frames left with too few observations keep the prior pose and are listed in
     `report.not_refined`. `doubted` frames (e.g. repaired by the view graph) are re-localised first, on the
     points of the other frames, whatever their errors say; `unconfirmed` ones too (their pose contradicts their
-    matches and could not be repaired), and those that PnP cannot place are not refined.
+    matches and could not be repaired), and those that PnP cannot place are not refined. The rotations of
+    `confirmed` frames (by their pairs' relative rotations) are not re-localised far from the prior.
     """
     start = time.perf_counter()
     config = config or MappingConfig()
@@ -110,7 +114,7 @@ def initialize_reconstruction(
     if config.relocalize:
         relocalized_obs, relocalized_poses, relocalized, failed = _relocalize(
             obs, poses.copy(), cameras, prior, diagonal, config, report, set(doubted) | set(unconfirmed),
-            set(unconfirmed),
+            set(unconfirmed), set(confirmed),
         )
         far = _far_from_prior(prior, relocalized_poses, relocalized, config)
         # The view graph's unconfirmed frames are judged by their own evidence, not by this count.
@@ -348,6 +352,7 @@ def _relocalize(
     report: MappingReport,
     doubted: set[int] | None = None,
     unconfirmed: set[int] | None = None,
+    confirmed: set[int] | None = None,
 ) -> tuple[_Observations, np.ndarray, list[int], set[int]]:
     """Find frames whose prior pose contradicts their matches and re-localise them by RANSAC PnP, worst first.
 
@@ -404,6 +409,12 @@ def _relocalize(
         points = triangulate_dlt(obs, poses, weights=trusted)
         mask = (obs.image == i) & np.isfinite(points[obs.track]).all(axis=1)
         pose = _pnp(obs.xy[mask], points[obs.track[mask]], cameras[i], diagonal[i], config)
+        if pose is not None and i in (confirmed or ()):
+            # Its rotation is confirmed by its pairs (the view graph): a PnP pose turned far from it fits the
+            # other frames' points, which are what is wrong (their frames failed), not this frame.
+            turn = np.degrees(np.arccos(np.clip((np.trace(pose[:, :3] @ poses[i, :, :3].T) - 1) / 2, -1.0, 1.0)))
+            if turn > config.confirmed_max_rotation_deg:
+                pose = None
         prior_median = new_median = np.inf
         if mask.any():
             prior_median = float(np.median(reprojection_errors(obs, points[obs.track], poses, cameras)[mask]))

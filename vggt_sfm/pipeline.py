@@ -95,10 +95,14 @@ class ReconstructionSummary:
         ]
         if self.not_refined:
             lines.append(
-                f"NOT refined (too few triangulated observations, predicted pose kept): {', '.join(self.not_refined)}"
+                "NOT refined (predicted pose kept: too few triangulated observations, or contradicted by its "
+                f"matches and not re-localised): {', '.join(self.not_refined)}"
             )
         if self.relocalized:
             lines.append(f"re-localised (prior pose disagreed with matches): {', '.join(self.relocalized)}")
+        repaired = (self.details.get("view_graph") or {}).get("failed") or []
+        if repaired:
+            lines.append(f"repaired (predicted rotation contradicted by its pairs): {', '.join(repaired)}")
         if self.skipped_images:
             lines.append(f"skipped unreadable images: {', '.join(self.skipped_images)}")
         times = ", ".join(
@@ -391,7 +395,7 @@ def _reconstruct_from_prior(
         with timer.stage("initialization"), quiet_pycolmap():
             reconstruction, mapping_report = mapping_stage.initialize_reconstruction(
                 checked.prior, features, tracks, predictions, config.mapping, doubted=checked.failed,
-                unconfirmed=checked.unconfirmed,
+                unconfirmed=checked.unconfirmed, confirmed=checked.confirmed,
             )
         refine_report = None
         if config.refine.enabled:

@@ -76,6 +76,7 @@ class CheckedPrior:
     failed: list[int]  # frames whose prediction failed and was repaired (to be re-localised first)
     unconfirmed: list[int]  # frames contradicted by their matches that could not be repaired
     report: ViewGraphReport
+    confirmed: list[int] = field(default_factory=list)  # frames whose (repaired) rotation two or more pairs confirm
 
 
 def _rotation_angles_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
@@ -151,8 +152,9 @@ def repair_rotations(
     of relative rotations (so a global average would move sound frames), but hardly one pair. Frames whose
     evidence is within `failed_rotation_deg` are trusted; trust then spreads to the frame with the most trusted
     neighbours that agree (each gives R_i = R_ji^T R_j; at least two must agree): its rotation is kept when it
-    agrees with them, or replaced by theirs (repaired). Returns the rotations, the repaired frames in order, and
-    the frames never trusted (bool (S,)): contradicted by their pairs, with too few agreeing neighbours.
+    agrees with them, or replaced by theirs (repaired). Returns the rotations, the repaired frames in order, the
+    frames never trusted (bool (S,)): contradicted by their pairs, with too few agreeing neighbours, and the
+    trusted frames with at least two pairs (bool (S,)): confirmed.
     """
     R = R.copy()
     num = len(R)
@@ -194,7 +196,7 @@ def repair_rotations(
     trusted = np.array([evidence(i) <= config.failed_rotation_deg for i in range(num)])
     logger.debug("view graph evidence: %s", [round(evidence(i), 1) for i in range(num)])
     if not trusted.any():
-        return R, [], np.zeros(num, dtype=bool)  # nothing to anchor on: the prediction stands
+        return R, [], np.zeros(num, dtype=bool), np.zeros(num, dtype=bool)  # nothing to anchor on
     repaired: list[int] = []
     while True:
         best, best_support, best_rotation = -1, 0.0, None
@@ -208,7 +210,7 @@ def repair_rotations(
             R[best] = best_rotation
             repaired.append(best)
         trusted[best] = True
-    return R, repaired, ~trusted
+    return R, repaired, ~trusted, trusted & (np.array([len(k) for k in incident]) >= 2)
 
 
 def _pair_rotation_errors(R: np.ndarray, pairs: np.ndarray, poses: list[pycolmap.Rigid3d | None]) -> np.ndarray:
@@ -285,7 +287,7 @@ def check_prior(
     inliers = np.array([len(m) for m in verified.matches], dtype=int)
     poses = relative_poses(features, verified, prior, config.num_workers)
     predicted = prior.cam_from_world[:, :, :3]
-    rotations, failed, unrepaired = repair_rotations(predicted, verified.pairs, poses, inliers, config)
+    rotations, failed, unrepaired, confirmed = repair_rotations(predicted, verified.pairs, poses, inliers, config)
     report.unconnected = [prior.image_names[i] for i in np.flatnonzero(unrepaired)]
 
     # Searched pairs that contradict the rotations go (symmetric or repeated structure that RANSAC alone
@@ -317,7 +319,8 @@ def check_prior(
         for i in failed:
             logger.warning("%s: the predicted rotation was %.0f degrees off its matches; repaired from its neighbours",
                            prior.image_names[i], change[i])  # fmt: skip
-    return CheckedPrior(repaired, raw, verified, sorted(failed), np.flatnonzero(unrepaired).tolist(), report)
+    return CheckedPrior(repaired, raw, verified, sorted(failed), np.flatnonzero(unrepaired).tolist(), report,
+                        np.flatnonzero(confirmed).tolist())
 
 
 def _select_pairs(verified: VerifiedMatches, keep: np.ndarray) -> VerifiedMatches:
