@@ -25,8 +25,10 @@ from bench_pipeline import DATASETS, PRIOR_LEVEL, SETS, _git_head  # noqa: E402
 from readme_section import write_section  # noqa: E402
 
 MODES = ("iid", "focal-bias", "drift", "bad-frames", "flipped", "all")
-# A broken frame counts as recovered when its rotation ends within this of the truth (after the alignment).
+# A broken frame counts as recovered when its rotation error ends within this many times the run's median (and at
+# least RECOVERED_DEG): as accurate as the frames VGGT got right, on a weak scene too.
 RECOVERED_DEG = 2.0
+RECOVERED_FACTOR = 3.0
 
 
 def run_one(set_name: str, seed: int, mode: str, overrides: list[str]) -> dict:
@@ -53,7 +55,8 @@ def run_one(set_name: str, seed: int, mode: str, overrides: list[str]) -> dict:
     per_image = {row["name"]: row for row in metrics.per_image()}
     named = set(result.summary.not_refined) | set(getattr(result.summary, "unrecovered", []))
     broken = report.failed_frames
-    silent = [n for n in broken if n not in named and not (per_image.get(n, {}).get("rotation_error_deg", 1e9) <= RECOVERED_DEG)]
+    bound = max(RECOVERED_DEG, RECOVERED_FACTOR * metrics.as_dict()["rotation_error_median_deg"])
+    silent = [n for n in broken if n not in named and not (per_image.get(n, {}).get("rotation_error_deg", 1e9) <= bound)]
     row = {
         "set": set_name, "seed": seed, "mode": mode, "seconds": seconds, **metrics.as_dict(),
         "prior_auc@1": prior_metrics.as_dict()["auc@1"], "prior_rot_med": prior_metrics.as_dict()["rotation_error_median_deg"],
@@ -116,7 +119,8 @@ def main() -> int:
             f"Run {datetime.date.today().isoformat()} at {_git_head()}: `{command}`. SIMULATED priors (level "
             f"`{PRIOR_LEVEL}`, one iid draw per seed, the same draw for every mode) with the structured errors of "
             "`vggt_sfm/evaluation/failure_modes.py` at their documented strength; `all` is every mode at once. "
-            f"A broken frame (bad or flipped) is recovered when it ends within {RECOVERED_DEG} deg of the truth.",
+            f"A broken frame (bad or flipped) is recovered when its rotation error ends within {RECOVERED_FACTOR:g}x the "
+            f"run's median (at least {RECOVERED_DEG:g} deg); named: listed as not refined in the summary.",
             "",
             text,
         ]))

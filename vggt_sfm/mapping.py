@@ -410,8 +410,9 @@ def _relocalize(
         mask = (obs.image == i) & np.isfinite(points[obs.track]).all(axis=1)
         pose = _pnp(obs.xy[mask], points[obs.track[mask]], cameras[i], diagonal[i], config)
         if pose is not None and i in (confirmed or ()):
-            # Its rotation is confirmed by its pairs (the view graph): a PnP pose turned far from it fits the
-            # other frames' points, which are what is wrong (their frames failed), not this frame.
+            # Its rotation is confirmed by its pairs (the view graph; for a repaired frame, derived from them): a
+            # PnP pose turned far from it fits wrong points (weak texture, failed neighbours). A repaired frame
+            # that PnP cannot confirm is then not refined (named), rather than trusted on its neighbours alone.
             turn = np.degrees(np.arccos(np.clip((np.trace(pose[:, :3] @ poses[i, :, :3].T) - 1) / 2, -1.0, 1.0)))
             if turn > config.confirmed_max_rotation_deg:
                 pose = None

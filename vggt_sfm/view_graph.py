@@ -154,7 +154,7 @@ def repair_rotations(
     neighbours that agree (each gives R_i = R_ji^T R_j; at least two must agree): its rotation is kept when it
     agrees with them, or replaced by theirs (repaired). Returns the rotations, the repaired frames in order, the
     frames never trusted (bool (S,)): contradicted by their pairs, with too few agreeing neighbours, and the
-    trusted frames with at least two pairs (bool (S,)): confirmed.
+    trusted frames (repaired ones included) with at least two pairs (bool (S,)): confirmed.
     """
     R = R.copy()
     num = len(R)
