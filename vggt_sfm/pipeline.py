@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +24,7 @@ from . import features as features_stage
 from . import mapping as mapping_stage
 from . import matching as matching_stage
 from . import pairs as pairs_stage
+from . import prior_free
 from . import refine as refine_stage
 from . import tracks as tracks_stage
 from .cache import StageCache, file_fingerprint, stage_key
@@ -57,6 +58,8 @@ class ReconstructionSummary:
     cached_stages: list[str] = field(default_factory=list)
     bundle_adjusted: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    prior: str = "vggt"  # "none": COLMAP's mapper initialised the model (prior_free.py)
+    unregistered: list[str] = field(default_factory=list)  # no prior: images COLMAP's mapper could not register
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +72,10 @@ class ReconstructionSummary:
             f"mean reprojection error {self.mean_reprojection_error:.3f} px"
             + ("" if self.bundle_adjusted else " (no bundle adjustment)"),
         ]
+        if self.prior == "none":
+            lines.append("prior: none (COLMAP's mapper on our matches, no VGGT predictions)")
+        if self.unregistered:
+            lines.append(f"NOT registered (COLMAP's mapper could not place them): {', '.join(self.unregistered)}")
         if self.not_refined:
             lines.append(
                 f"NOT refined (too few verified matches, predicted pose kept): {', '.join(self.not_refined)}"
@@ -214,6 +221,7 @@ def run(
     weights: str | Path | None = None,
     download: bool = False,
     progress: bool = True,
+    prior: str | None = None,
 ) -> ReconstructionResult:
     """Reconstruct a folder of images, initialised by VGGT predictions (a file, a Predictions, or run VGGT).
 
@@ -221,8 +229,12 @@ def run(
 
     With `output`, writes `sparse/0/` (binary model), `points3D.ply`, `summary.json` (and the extras the config
     asks for) atomically, caching every stage's result under `output/cache/` so that a rerun resumes.
+
+    `prior="none"` (or `config.prior`) reconstructs without VGGT: COLMAP's mapper on our matches (prior_free.py).
     """
     config = config or load_preset("default")  # the same run as the command line's default
+    config = replace(config, prior=prior) if prior is not None else config
+    prior_free.check_request(config, predictions, weights, download)
     images_dir = Path(images_dir)
     timer = _Timer()
     output_path = Path(output) if output is not None else None
@@ -234,24 +246,30 @@ def run(
     names = [info.name for info in infos]
     fingerprint = file_fingerprint([images_dir / n for n in names])
 
-    with timer.stage("predictions"):
-        if loaded is None:
-            key = stage_key("predictions", fingerprint, config.predict)
-            loaded, was_cached = cache.get_or_compute(
-                key, lambda: _predict(images_dir, config, weights, download, progress)
-            )
-            if was_cached:
-                timer.cached.append("predictions")
-            loaded = _check_names(loaded, names + skipped, "VGGT")
-        predictions_used = match_images(loaded, names, "predictions")
-    if work is not None:
-        check_output_requirements(config, predictions_used)
-    image_sizes = np.array([[info.width, info.height] for info in infos])
-    prior = prior_from_predictions(predictions_used, image_sizes)
+    if config.prior == "none":
+        prior, predictions_used = None, None
+        reconstruction, summary, stages = prior_free.reconstruct_without_prior(
+            images_dir, names, fingerprint, config, cache, timer, progress
+        )
+    else:
+        with timer.stage("predictions"):
+            if loaded is None:
+                key = stage_key("predictions", fingerprint, config.predict)
+                loaded, was_cached = cache.get_or_compute(
+                    key, lambda: _predict(images_dir, config, weights, download, progress)
+                )
+                if was_cached:
+                    timer.cached.append("predictions")
+                loaded = _check_names(loaded, names + skipped, "VGGT")
+            predictions_used = match_images(loaded, names, "predictions")
+        if work is not None:
+            check_output_requirements(config, predictions_used)
+        image_sizes = np.array([[info.width, info.height] for info in infos])
+        prior = prior_from_predictions(predictions_used, image_sizes)
 
-    reconstruction, summary, stages = _reconstruct_from_prior(
-        images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress
-    )
+        reconstruction, summary, stages = _reconstruct_from_prior(
+            images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress
+        )
     summary.skipped_images = skipped
 
     if work is not None:
