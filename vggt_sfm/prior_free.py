@@ -124,7 +124,7 @@ def _unposed_model(names: list[str], features: list[Features], cameras: list[pyc
             image_id=index + 1,
         )
         rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d())
-        rec.deregister_frame(image.frame_id)
+        rec.deregister_frame(rec.images[index + 1].frame_id)  # the model holds a copy: its frame id, not ours
     return rec
 
 
@@ -136,6 +136,27 @@ def _guessed_focal(database: Path, cameras: list[pycolmap.Camera]) -> None:
             stored = db.read_camera(camera.camera_id)
             stored.has_prior_focal_length = False
             db.update_camera(stored)
+
+
+def _two_view_models(database: Path, features: list[Features], verified: VerifiedMatches, cameras: list[pycolmap.Camera],
+                     config: PipelineConfig) -> None:
+    """Give each verified pair its E / F / H and relative pose: the global mapper averages rotations from them,
+    while `write_database` (which takes poses from a model) has none to give before mapping. RANSAC on the
+    verified matches alone: they are inliers already, so it converges at once."""
+    options = pycolmap.TwoViewGeometryOptions()
+    options.compute_relative_pose = True
+    options.ransac.max_error = config.matching.ransac_threshold_px
+    options.ransac.random_seed = config.without_prior.seed
+    options.min_num_inliers = config.matching.min_inliers
+    with pycolmap.Database.open(str(database)) as db, quiet_pycolmap():
+        for (i, j), matches in zip(verified.pairs, verified.matches):
+            i, j = int(i), int(j)
+            geometry = pycolmap.estimate_two_view_geometry(
+                cameras[i], np.asarray(features[i].keypoints, dtype=np.float64),
+                cameras[j], np.asarray(features[j].keypoints, dtype=np.float64),
+                np.ascontiguousarray(matches, dtype=np.uint32), options,
+            )  # fmt: skip
+            db.update_two_view_geometry(i + 1, j + 1, geometry)
 
 
 def map_with_colmap(
@@ -156,6 +177,8 @@ def map_with_colmap(
         database = Path(tmp) / "database.db"
         write_database(database, _unposed_model(names, features, cameras), features, raw, verified, prior=None)
         _guessed_focal(database, cameras)
+        if options.mapper == "global":
+            _two_view_models(database, features, verified, cameras, config)
         output = Path(tmp) / "sparse"
         output.mkdir()
         with quiet_pycolmap():
@@ -185,8 +208,9 @@ def unregistered_names(reconstruction: pycolmap.Reconstruction, names: list[str]
     return [name for index, name in enumerate(names) if index + 1 not in registered]
 
 
-def _keep_registered(reconstruction: pycolmap.Reconstruction, names: list[str], features: list[Features]) -> pycolmap.Reconstruction:
-    """The model with every image of the collection (unregistered ones without pose), as the outputs expect."""
+def _with_every_image(reconstruction: pycolmap.Reconstruction, names: list[str], features: list[Features]) -> pycolmap.Reconstruction:
+    """The model with every image of the collection (unregistered ones without pose, each with a camera of its
+    own), as the database export expects (`write_database` describes missing images only from a prior)."""
     missing = [i for i in range(len(names)) if not reconstruction.exists_image(i + 1)]
     if not missing:
         return reconstruction
@@ -202,7 +226,7 @@ def _keep_registered(reconstruction: pycolmap.Reconstruction, names: list[str], 
             camera_id=camera.camera_id, image_id=index + 1,
         )
         reconstruction.add_image_with_trivial_frame(image, pycolmap.Rigid3d())
-        reconstruction.deregister_frame(image.frame_id)
+        reconstruction.deregister_frame(reconstruction.images[index + 1].frame_id)
     return reconstruction
 
 
@@ -265,13 +289,15 @@ def reconstruct_without_prior(
     unregistered = unregistered_names(reconstruction, names)
     if unregistered:
         logger.warning("COLMAP's mapper could not register %d image(s): %s", len(unregistered), ", ".join(unregistered))
-    reconstruction = _keep_registered(reconstruction, names, features)
     refine_report = None
     if config.refine.enabled:
         with timer.stage("bundle adjustment"), quiet_pycolmap():
             refine_report = refine_stage.refine_reconstruction(
                 reconstruction, config.refine, verified=verified, features=features
             )
+    if config.output.database:
+        # After refinement: a camera without registered views would keep refine from freeing the principal point.
+        reconstruction = _with_every_image(reconstruction, names, features)
     if config.mapping.extract_colors:
         mapping_stage.color_points(reconstruction, features)
     numbers = reconstruction_summary_numbers(reconstruction)
