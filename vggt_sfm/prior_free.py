@@ -182,6 +182,8 @@ def map_with_colmap(
         output = Path(tmp) / "sparse"
         output.mkdir()
         with quiet_pycolmap():
+            # A failing mapper logs ERROR lines; the UserError below says it in one line instead.
+            pycolmap.logging.minloglevel = 3
             if options.mapper == "global":
                 pipeline_options = pycolmap.GlobalPipelineOptions()
                 pipeline_options.random_seed = options.seed
