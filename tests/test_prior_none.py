@@ -22,6 +22,7 @@ from vggt_sfm.cli import main
 from vggt_sfm.config import apply_overrides, config_from_dict, load_preset
 from vggt_sfm.errors import UserError
 from vggt_sfm.evaluation.metrics import evaluate
+from vggt_sfm.prior_free import select_pairs_without_prior
 from vggt_sfm.retrieval import global_descriptors, nearest_neighbors, retrieval_pairs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -146,8 +147,13 @@ def test_retrieval_finds_the_neighbours_of_a_sequence(run_without_prior):
     offsets = np.abs(neighbors[:, 0] - np.arange(11))
     assert np.all(offsets <= 2), neighbors
     assert np.all(scores[:, 0] >= scores[:, 1])
-    pairs = retrieval_pairs(descriptors, 2)
+    pairs = retrieval_pairs(vectors, 2)
     # Connected (a spanning tree is added) and far fewer than the 55 exhaustive pairs.
     assert len(pairs) < 30
     assert set(np.unique(pairs)) == set(range(11))
-    assert np.array_equal(retrieval_pairs(descriptors, 2), pairs)  # deterministic
+    assert np.array_equal(global_descriptors(descriptors), vectors)  # deterministic
+    # Beyond pairs.exhaustive_max_images the run pairs by retrieval.
+    config = config_from_dict({"prior": "none", "pairs": {"exhaustive_max_images": 5},
+                               "without_prior": {"retrieval_neighbors": 2}}, base=load_preset("default"))
+    chosen, method = select_pairs_without_prior(features, config)
+    assert method == "retrieval" and np.array_equal(chosen, pairs)

@@ -31,7 +31,7 @@ from .errors import UserError
 from .export.database import write_database
 from .log import quiet_pycolmap
 from .pairs import exhaustive_pairs
-from .retrieval import RetrievalConfig, retrieval_pairs
+from .retrieval import RetrievalConfig, global_descriptors, retrieval_pairs
 
 if TYPE_CHECKING:
     from .config import PipelineConfig
@@ -93,7 +93,8 @@ def select_pairs_without_prior(features: list[Features], config: PipelineConfig)
         return exhaustive_pairs(num), "exhaustive"
     # "prior" (the default preset's) has no prior to pick by here: the nearest images by appearance instead.
     neighbors = config.without_prior.retrieval_neighbors
-    return retrieval_pairs([f.descriptors for f in features], neighbors, config.without_prior.retrieval), "retrieval"
+    vectors = global_descriptors([f.descriptors for f in features], config.without_prior.retrieval)
+    return retrieval_pairs(vectors, neighbors), "retrieval"
 
 
 def initial_cameras(features: list[Features], model: str, shared: bool) -> list[pycolmap.Camera]:

@@ -8,7 +8,7 @@ a final L2 norm keep bursts of repeated texture from dominating, so the dot prod
 similarity. Images that share a lot of scene come out as each other's nearest neighbours.
 
 `global_descriptors` (descriptors in, one vector per image out) and `nearest_neighbors` are the building blocks;
-`retrieval_pairs` turns them into image pairs to match.
+`retrieval_pairs` turns the vectors into image pairs to match.
 """
 
 from __future__ import annotations
@@ -141,15 +141,14 @@ def nearest_neighbors(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return order, np.take_along_axis(scores, order, axis=1)
 
 
-def retrieval_pairs(descriptors: list[np.ndarray], num_neighbors: int, config: RetrievalConfig | None = None) -> np.ndarray:
-    """(P,2) pairs i<j: every image with its `num_neighbors` most similar images, plus a maximum spanning tree of
-    the similarities so that the pairs connect the whole collection."""
+def retrieval_pairs(vectors: np.ndarray, num_neighbors: int) -> np.ndarray:
+    """(P,2) pairs i<j from global vectors (`global_descriptors`): every image with its `num_neighbors` most
+    similar images, plus a maximum spanning tree of the similarities so that the pairs connect all images."""
     from .pairs import pairs_from_scores
 
-    vectors = global_descriptors(descriptors, config)
     # Shifted into (0, 1]: pairs_from_scores keeps only positive scores, and every image pair is a candidate.
     scores = 0.5 * (similarities(vectors) + 1.0) + 1e-6
     np.fill_diagonal(scores, 0.0)
     pairs = pairs_from_scores(scores, num_neighbors, connect=True)
-    logger.info("%d pairs of %d images (retrieval, %d neighbours)", len(pairs), len(descriptors), num_neighbors)
+    logger.info("%d pairs of %d images (retrieval, %d neighbours)", len(pairs), len(vectors), num_neighbors)
     return pairs
