@@ -1,8 +1,9 @@
 """The configuration of a whole run: one small dataclass per stage, and the named presets in `pipelines/`.
 
 A preset is a TOML file with one table per stage (`[features]`, `[pairs]`, `[matching]`, `[tracks]`,
-`[mapping]`, `[refine]`, `[predict]`, `[output]`); any key it leaves out keeps the stage's default. Unknown keys
-and wrong types are errors naming the key, so a typo never passes silently.
+`[mapping]`, `[refine]`, `[predict]`, `[output]`, and `[without_prior]` for `prior = "none"`, a top-level key);
+any key it leaves out keeps the stage's default. Unknown keys and wrong types are errors naming the key, so a
+typo never passes silently.
 """
 
 from __future__ import annotations
