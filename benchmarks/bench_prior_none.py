@@ -7,6 +7,7 @@ gives registration, AUC@1, the median pairwise rotation error, and the time of t
 ratio against COLMAP and against `ours`, all from the same invocation.
 
     python benchmarks/bench_prior_none.py --sets templeSR llff_fern --readme
+    python benchmarks/bench_prior_none.py --sets --merge-json rows.json --readme     # table from saved rows
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def write_readme_section(table: str, rows: list[dict], threads: int, note: str) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", nargs="+", default=list(ORDER), choices=list(SETS))
+    parser.add_argument("--sets", nargs="*", default=list(ORDER), choices=list(SETS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per method and set")
     parser.add_argument("--json", type=Path, help="also write all rows to this file (rows are added as they come)")
