@@ -120,13 +120,17 @@ def _unposed_model(names: list[str], features: list[Features], cameras: list[pyc
     for camera in {c.camera_id: c for c in cameras}.values():
         rec.add_camera_with_trivial_rig(camera)
     for index, (name, feats, camera) in enumerate(zip(names, features, cameras)):
-        image = pycolmap.Image(
-            name=name, keypoints=np.asarray(feats.keypoints, dtype=np.float64), camera_id=camera.camera_id,
-            image_id=index + 1,
-        )
-        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d())
-        rec.deregister_frame(rec.images[index + 1].frame_id)  # the model holds a copy: its frame id, not ours
+        _add_unposed_image(rec, index, name, feats, camera.camera_id)
     return rec
+
+
+def _add_unposed_image(rec: pycolmap.Reconstruction, index: int, name: str, features: Features, camera_id: int) -> None:
+    """Image `index` (id index + 1) with our keypoints, in a trivial frame of its own that has no pose."""
+    image = pycolmap.Image(
+        name=name, keypoints=np.asarray(features.keypoints, dtype=np.float64), camera_id=camera_id, image_id=index + 1
+    )
+    rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d())
+    rec.deregister_frame(rec.images[index + 1].frame_id)  # the model holds a copy: its frame id, not ours
 
 
 def _guessed_focal(database: Path, cameras: list[pycolmap.Camera]) -> None:
@@ -224,12 +228,7 @@ def _with_every_image(reconstruction: pycolmap.Reconstruction, names: list[str],
         camera.camera_id = next_camera_id
         next_camera_id += 1
         reconstruction.add_camera_with_trivial_rig(camera)
-        image = pycolmap.Image(
-            name=names[index], keypoints=np.asarray(features[index].keypoints, dtype=np.float64),
-            camera_id=camera.camera_id, image_id=index + 1,
-        )
-        reconstruction.add_image_with_trivial_frame(image, pycolmap.Rigid3d())
-        reconstruction.deregister_frame(reconstruction.images[index + 1].frame_id)
+        _add_unposed_image(reconstruction, index, names[index], features[index], camera.camera_id)
     return reconstruction
 
 
