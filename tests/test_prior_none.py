@@ -4,7 +4,8 @@ One run on the fountain's 11 photos plus an image of pure noise (which nothing m
 registered accurately by COLMAP's mapper and our refinement, the noise image is reported by name as not
 registered, the summary says the run had no prior, and the database export is one COLMAP reads. Then the
 refusals: a set where nothing matches, predictions or weights together with `--prior none`, and dense points
-(which need depth). The retrieval used beyond 30 images is checked on the fountain sequence's features.
+(which need depth). COLMAP's global mapper is run on the same cached matches, and the retrieval used beyond
+30 images is checked on the fountain sequence's features.
 """
 
 import json
@@ -75,6 +76,20 @@ def test_every_fountain_image_is_registered_accurately(run_without_prior):
     assert metrics.auc[1] > 0.99
     # Our refinement ran on the mapper's model and freed the principal point (the fountain's is off centre).
     assert "principal_point" in result.summary.details["refine"]["refined_intrinsics"]
+
+
+def test_global_mapper_from_the_cached_matches(run_without_prior, fountain_with_noise, tmp_path):
+    """GLOMAP (`without_prior.mapper = "global"`) on the same features and matches (resumed from the cache)."""
+    _, out = run_without_prior
+    rerun = tmp_path / "global"
+    shutil.copytree(out / "cache", rerun / "cache")
+    config = config_from_dict({**FAST, "prior": "none", "without_prior": {"mapper": "global"}}, base=load_preset("default"))
+    result = pipeline.run(fountain_with_noise, output=rerun, config=config, overwrite=True, progress=False)
+    assert {"features", "matching", "verification"} <= set(result.summary.cached_stages)
+    metrics = evaluate(result.reconstruction, FOUNTAIN / "gt")
+    print(metrics.summary())
+    assert metrics.num_registered == 11 and result.summary.unregistered == [NOISE]
+    assert metrics.as_dict()["rotation_error_median_deg"] < MAX_MEDIAN_ROTATION_DEG
 
 
 def test_summary_says_no_prior_and_names_the_unregistered_image(run_without_prior):

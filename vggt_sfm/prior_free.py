@@ -135,7 +135,8 @@ def _add_unposed_image(rec: pycolmap.Reconstruction, index: int, name: str, feat
 
 def _guessed_focal(database: Path, cameras: list[pycolmap.Camera]) -> None:
     """Mark the focal lengths as guesses in the database: `write_database` marks them known (they come from a
-    prior there), and COLMAP's mappers would then trust a focal length that is only 1.2 x the image size."""
+    prior there), and COLMAP's mappers would then trust a focal length that is only 1.2 x the image size.
+    (Measured: no difference on fountain, 0.061 vs 0.055 deg, nor on templeSR; kept as COLMAP marks a guess.)"""
     with pycolmap.Database.open(str(database)) as db:
         for camera in {c.camera_id: c for c in cameras}.values():
             stored = db.read_camera(camera.camera_id)
