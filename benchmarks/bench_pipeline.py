@@ -5,7 +5,8 @@ For each set:
   the largest model is evaluated;
 - `prior`: the simulated prior itself (level `vggt`, seed 0; no run, for reference);
 - `ours`: `vggt_sfm.run(images, predictions=<that prior>)`;
-- `ours_outlier`: the same prior but the middle frame (in name order) has a 20-degree rotation error.
+- `ours_outlier`: the same prior but the middle frame (in name order) has a 20-degree rotation error;
+- `ours_noprior`: `vggt_sfm.run(images, prior="none")`, no predictions (`bench_prior_none.py` tabulates it).
 Each method runs in its own subprocess, so its wall time and peak memory (ru_maxrss of that process, imports
 included) are its own. Accuracy is `vggt_sfm.evaluation.evaluate` against the set's ground truth.
 
@@ -42,7 +43,8 @@ SETS = {
     "llff_fern": "llff_fern",
     "lego": "nerf_synthetic_lego",
 }
-METHODS = ("colmap", "prior", "ours", "ours_outlier")
+METHODS = ("colmap", "prior", "ours", "ours_outlier", "ours_noprior")
+DEFAULT_METHODS = METHODS[:4]  # ours_noprior has its own table (bench_prior_none.py)
 PRIOR_LEVEL, PRIOR_SEED = "vggt", 0
 README = REPO / "benchmarks" / "README.md"
 
@@ -100,10 +102,15 @@ def worker(set_name: str, method: str, threads: int) -> dict:
             import vggt_sfm
 
             torch.set_num_threads(threads)
-            prior = simulated_prior(gt, outlier=method == "ours_outlier")
-            start = time.perf_counter()
-            result = vggt_sfm.run(images, predictions=prior, progress=False)
+            if method == "ours_noprior":  # `--prior none`: no predictions, COLMAP's mapper on our matches
+                start = time.perf_counter()
+                result = vggt_sfm.run(images, prior="none", progress=False)
+            else:
+                prior = simulated_prior(gt, outlier=method == "ours_outlier")
+                start = time.perf_counter()
+                result = vggt_sfm.run(images, predictions=prior, progress=False)
             seconds = time.perf_counter() - start
+            row["unregistered"] = result.summary.unregistered
             estimate = result.reconstruction
             row["not_refined"] = result.summary.not_refined
             row["relocalized"] = result.summary.relocalized
@@ -214,7 +221,7 @@ def write_readme_section(table: str, rows: list[dict], threads: int, note: str =
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per method and set")
     parser.add_argument("--json", type=Path, help="also write all rows to this file")

@@ -49,6 +49,7 @@ RECONSTRUCT_OVERRIDES: dict[str, str] = {
     "dtype": "predict.dtype",
     "window": "predict.window",
     "window_overlap": "predict.window_overlap",
+    "prior": "prior",
 }
 
 
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--images", required=True, help="folder of images")
     rec.add_argument("--predictions", help="predictions .npz (from `vggt-sfm predict` or the VGGT demos); default: run VGGT")
     rec.add_argument("--output", required=True, help="output folder (sparse/0, points3D.ply, summary.json, ...)")
+    rec.add_argument("--prior", choices=["vggt", "none"], help="none: no VGGT (no weights, no GPU): COLMAP's mapper on our matches")
     rec.add_argument("--pipeline", default="default", help="preset name (see `vggt-sfm pipelines`) or a .toml file")
     rec.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
     _add_weights(rec)

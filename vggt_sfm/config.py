@@ -1,8 +1,9 @@
 """The configuration of a whole run: one small dataclass per stage, and the named presets in `pipelines/`.
 
 A preset is a TOML file with one table per stage (`[features]`, `[pairs]`, `[matching]`, `[view_graph]`, `[tracks]`,
-`[mapping]`, `[refine]`, `[predict]`, `[output]`); any key it leaves out keeps the stage's default. Unknown keys
-and wrong types are errors naming the key, so a typo never passes silently.
+`[mapping]`, `[refine]`, `[predict]`, `[output]`, and `[without_prior]` for `prior = "none"`, a top-level key);
+any key it leaves out keeps the stage's default. Unknown keys and wrong types are errors naming the key, so a
+typo never passes silently.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .features import FeatureConfig
 from .mapping import MappingConfig
 from .matching import MatchingConfig
 from .pairs import PairsConfig
+from .prior_free import WithoutPriorConfig
 from .refine import RefineConfig
 from .tracks import TracksConfig
 from .view_graph import ViewGraphConfig
@@ -67,6 +69,7 @@ class OutputConfig:
 class PipelineConfig:
     """Every option of a run, grouped by stage."""
 
+    prior: str = "vggt"  # "vggt": initialised by VGGT's predictions; "none": COLMAP's mapper (see prior_free.py)
     predict: PredictConfig = field(default_factory=PredictConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
@@ -76,6 +79,7 @@ class PipelineConfig:
     mapping: MappingConfig = field(default_factory=MappingConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    without_prior: WithoutPriorConfig = field(default_factory=WithoutPriorConfig)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,6 +169,8 @@ def validate_config(config: PipelineConfig, source: str = "config") -> None:
         raise UserError(f"{source}: output.dense_points must be >= 0")
     if config.predict.preprocess not in ("crop", "pad"):
         raise UserError(f"{source}: predict.preprocess must be 'crop' or 'pad'")
+    if config.prior not in ("vggt", "none"):
+        raise UserError(f"{source}: prior must be 'vggt' or 'none', got {config.prior!r}")
     if config.predict.window == 1 or config.predict.window < 0:
         raise UserError(f"{source}: predict.window must be 0 (one pass) or at least 2 frames")
 

@@ -8,12 +8,11 @@ leaves a half-written `sparse/0`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +23,7 @@ from . import features as features_stage
 from . import mapping as mapping_stage
 from . import matching as matching_stage
 from . import pairs as pairs_stage
+from . import prior_free
 from . import refine as refine_stage
 from . import tracks as tracks_stage
 from . import view_graph as view_graph_stage
@@ -72,6 +72,8 @@ class ReconstructionSummary:
     command: str | None = None  # the command line, when run from it
     config: dict[str, Any] = field(default_factory=dict)  # the resolved configuration (preset + overrides)
     details: dict[str, Any] = field(default_factory=dict)
+    prior: str = "vggt"  # "none": COLMAP's mapper initialised the model (prior_free.py)
+    unregistered: list[str] = field(default_factory=list)  # no prior: images COLMAP's mapper could not register
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +95,10 @@ class ReconstructionSummary:
             )
             + ("" if self.bundle_adjusted else " (no bundle adjustment)"),
         ]
+        if self.prior == "none":
+            lines.append("prior: none (COLMAP's mapper on our matches, no VGGT predictions)")
+        if self.unregistered:
+            lines.append(f"NOT registered (COLMAP's mapper could not place them): {', '.join(self.unregistered)}")
         if self.not_refined:
             lines.append(
                 "NOT refined (predicted pose kept: too few triangulated observations, or contradicted by its "
@@ -236,6 +242,7 @@ def run(
     progress: bool = True,
     ground_truth: pycolmap.Reconstruction | str | Path | None = None,
     command: str | None = None,
+    prior: str | None = None,
 ) -> ReconstructionResult:
     """Reconstruct a folder of images, initialised by VGGT predictions (a file, a Predictions, or run VGGT).
 
@@ -255,6 +262,8 @@ def run(
     - `ground_truth`: a COLMAP model (folder or `pycolmap.Reconstruction`) of the same images: the result's
       `accuracy` and the summary's `accuracy` hold the errors against it.
     - `command`: the command line to record in the summary.
+    - `prior`: "none" (or `config.prior`) reconstructs without VGGT: COLMAP's mapper on our matches
+      (`prior_free.py`).
 
     The summary's `status` is "FAILED" (with `failure_reasons`) when the result fails the sanity checks of
     `vggt_sfm.sanity` (no points, a large reprojection error, most frames not refined); the output is written
@@ -264,6 +273,9 @@ def run(
     if gt is not None:  # before any work: a ground truth of other images is a mistake
         check_common_images(list_images(Path(images_dir)), gt.image_names, f"images folder {images_dir}",
                             "the ground truth", warn=False)  # fmt: skip
+    config = config or load_preset("default")  # the same run as the command line's default
+    config = replace(config, prior=prior) if prior is not None else config
+    prior_free.check_request(config, predictions, weights, download)
     output_path = Path(output) if output is not None else None
     with reserved_output(output_path, overwrite) as work:
         return _run_stages(images_dir, predictions, output_path, work, config, weights, download, progress, gt,
@@ -275,14 +287,13 @@ def _run_stages(
     predictions: Predictions | str | Path | None,
     output_path: Path | None,
     work: Path | None,
-    config: PipelineConfig | None,
+    config: PipelineConfig,
     weights: str | Path | None,
     download: bool,
     progress: bool,
     gt: PriorCameras | None,
     command: str | None,
 ) -> ReconstructionResult:
-    config = config or load_preset("default")  # the same run as the command line's default
     images_dir = Path(images_dir)
     timer = _Timer(show=progress)
     cache = StageCache(work / "cache" if work is not None else None)
@@ -292,26 +303,32 @@ def _run_stages(
     names = [info.name for info in infos]
     fingerprint = file_fingerprint([images_dir / n for n in names])
 
-    with timer.stage("predictions"):
-        if loaded is None:
-            key = stage_key("predictions", fingerprint, config.predict)
-            loaded, was_cached = cache.get_or_compute(
-                key, lambda: _predict(images_dir, config, weights, download, progress)
-            )
-            if was_cached:
-                timer.cached.append("predictions")
-            loaded = _check_names(loaded, names + skipped, "VGGT")
-        predictions_used = match_images(loaded, names, _source(predictions))
-        sizes = {info.name: (info.width, info.height) for info in infos}
-        check_image_geometry(predictions_used, sizes, _source(predictions))
-    if work is not None:
-        check_output_requirements(config, predictions_used)
-    image_sizes = np.array([[info.width, info.height] for info in infos])
-    prior = prior_from_predictions(predictions_used, image_sizes)
+    if config.prior == "none":
+        prior, predictions_used = None, None
+        reconstruction, summary, stages = prior_free.reconstruct_without_prior(
+            images_dir, names, fingerprint, config, cache, timer, progress
+        )
+    else:
+        with timer.stage("predictions"):
+            if loaded is None:
+                key = stage_key("predictions", fingerprint, config.predict)
+                loaded, was_cached = cache.get_or_compute(
+                    key, lambda: _predict(images_dir, config, weights, download, progress)
+                )
+                if was_cached:
+                    timer.cached.append("predictions")
+                loaded = _check_names(loaded, names + skipped, "VGGT")
+            predictions_used = match_images(loaded, names, _source(predictions))
+            sizes = {info.name: (info.width, info.height) for info in infos}
+            check_image_geometry(predictions_used, sizes, _source(predictions))
+        if work is not None:
+            check_output_requirements(config, predictions_used)
+        image_sizes = np.array([[info.width, info.height] for info in infos])
+        prior = prior_from_predictions(predictions_used, image_sizes)
 
-    reconstruction, summary, stages = _reconstruct_from_prior(
-        images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress
-    )
+        reconstruction, summary, stages = _reconstruct_from_prior(
+            images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress
+        )
     summary.skipped_images = skipped
     summary.config, summary.command = config.as_dict(), command
     accuracy = evaluate(reconstruction, gt, labels=("the model", "the ground truth")) if gt is not None else None
@@ -422,7 +439,7 @@ def _reconstruct_from_prior(
         )  # fmt: skip
         intrinsics = predicted.intrinsics.copy()
         intrinsics[:, :2, :2] *= factor
-        prior = dataclasses.replace(predicted, intrinsics=intrinsics)
+        prior = replace(predicted, intrinsics=intrinsics)
     raw, verified = checked.raw, checked.verified
     numbers = reconstruction_summary_numbers(reconstruction)
     summary = ReconstructionSummary(
