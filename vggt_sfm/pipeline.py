@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pycolmap
@@ -158,6 +158,31 @@ class _Timer:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             clear_stage()
+
+    def run_cached(self, stage: str, cache: StageCache, key: str, compute: Callable[[], Any]) -> Any:
+        """A stage's result from the cache, or computed and stored, timed under `stage`."""
+        with self.stage(stage):
+            result, was_cached = cache.get_or_compute(key, compute)
+        if was_cached and stage not in self.cached:
+            self.cached.append(stage)
+        return result
+
+
+def cached_features(
+    images_dir: Path, names: list[str], fingerprint: list, config: PipelineConfig, cache: StageCache, timer: _Timer,
+    progress: bool,
+) -> tuple[list, str]:
+    """The features of every image (cached per image, so an interrupted extraction resumes) and their cache key."""
+    key = stage_key("features", fingerprint, config.features)
+    features = timer.run_cached(
+        "features",
+        cache,
+        key,
+        lambda: features_stage.extract_features(
+            images_dir, names, config.features, progress=progress, store=cache.items(key)
+        ),
+    )
+    return features, key
 
 
 def _load_inputs(
@@ -364,20 +389,9 @@ def _reconstruct_from_prior(
     progress: bool,
 ) -> tuple[pycolmap.Reconstruction, ReconstructionSummary, StageResults]:
     def cached(stage: str, key: str, compute):
-        with timer.stage(stage):
-            result, was_cached = cache.get_or_compute(key, compute)
-        if was_cached:
-            timer.cached.append(stage)
-        return result
+        return timer.run_cached(stage, cache, key, compute)
 
-    features_key = stage_key("features", fingerprint, config.features)
-    features = cached(
-        "features",
-        features_key,
-        lambda: features_stage.extract_features(
-            images_dir, names, config.features, progress=progress, store=cache.items(features_key)
-        ),
-    )
+    features, features_key = cached_features(images_dir, names, fingerprint, config, cache, timer, progress)
     with timer.stage("pairs"):
         pairs = pairs_stage.select_pairs(prior, config.pairs)
     # Guided matching searches along the prior's epipolar lines (and its LightGlue fallback picks pairs by the

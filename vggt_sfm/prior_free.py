@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pycolmap
 
-from . import features as features_stage
 from . import mapping as mapping_stage
 from . import matching as matching_stage
 from . import refine as refine_stage
@@ -247,23 +246,15 @@ def reconstruct_without_prior(
     Returns the refined model, its ReconstructionSummary (with `prior: none` and the unregistered images) and
     the StageResults the outputs need.
     """
-    from .pipeline import ReconstructionSummary, StageResults, _report_dict, reconstruction_summary_numbers
+    from .pipeline import (
+        ReconstructionSummary, StageResults, _report_dict, cached_features, reconstruction_summary_numbers,
+    )  # fmt: skip
 
     def cached(stage: str, key: str, compute):
-        with timer.stage(stage):
-            result, was_cached = cache.get_or_compute(key, compute)
-        if was_cached:
-            timer.cached.append(stage)
-        return result
+        return timer.run_cached(stage, cache, key, compute)
 
-    features_key = stage_key("features", fingerprint, config.features)  # the same key as with a prior
-    features = cached(
-        "features",
-        features_key,
-        lambda: features_stage.extract_features(
-            images_dir, names, config.features, progress=progress, store=cache.items(features_key)
-        ),
-    )
+    # The same features (and cache key) as with a prior.
+    features, features_key = cached_features(images_dir, names, fingerprint, config, cache, timer, progress)
     with timer.stage("pairs"):
         pairs, pairs_method = select_pairs_without_prior(features, config)
     # Without a prior the epipolar guidance has nothing to follow: "auto" picks the unguided matcher.
