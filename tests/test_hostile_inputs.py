@@ -283,7 +283,7 @@ def test_a_pipeline_run_never_unpickles_a_planted_cache(tmp_path: Path):
     pipeline.run(images, predictions=predictions, output=out, config=config)
     marker = tmp_path / "marker"
     entries = sorted((out / "cache").glob("*.npz"))
-    assert {p.name.split("-")[0] for p in entries} == {"features", "matches", "verification"}
+    assert {p.name.split("-")[0] for p in entries} == {"features", "matches", "verification", "view_graph"}
     for entry in entries:  # someone hands over this output folder with a poisoned cache
         entry.write_bytes(pickle.dumps(_Exploit(marker)))
     result = pipeline.run(images, predictions=predictions, output=out, config=config, overwrite=True)
