@@ -607,5 +607,5 @@ def test_a_run_failing_later_keeps_only_its_finished_cache_and_says_so(tmp_path:
         pipeline.run(images, predictions=predictions, output=out, config=config_from_dict(SMALL))
     assert not out.exists() and _hidden(tmp_path) == [".out.partial"]
     kept = sorted(p.name.split("-")[0] for p in (tmp_path / ".out.partial" / "cache").iterdir())
-    assert kept == ["features", "matches", "verification"]
+    assert kept == ["features", "matches", "verification", "view_graph"]
     assert any("finished stages' cache is kept in" in r.getMessage() for r in caplog.records)

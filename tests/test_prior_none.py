@@ -9,7 +9,6 @@ refusals: a set where nothing matches, predictions or weights together with `--p
 """
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 from PIL import Image
 
 from vggt_sfm import pipeline
+from vggt_sfm.cache import read_entry
 from vggt_sfm.cli import main
 from vggt_sfm.config import apply_overrides, config_from_dict, load_preset
 from vggt_sfm.errors import UserError
@@ -153,8 +153,8 @@ def test_retrieval_finds_the_neighbours_of_a_sequence(run_without_prior):
     """The fountain photos were taken walking along the facade: an image's most similar images by VLAD are
     those taken next to it."""
     _, out = run_without_prior
-    (cached,) = (out / "cache").glob("features-*.pkl")  # the run's features, in name order (noise image last)
-    features = pickle.loads(cached.read_bytes())[:11]
+    (cached,) = (out / "cache").glob("features-*.npz")  # the run's features, in name order (noise image last)
+    features = read_entry(cached)[:11]
     descriptors = [f.descriptors for f in features]
     vectors = global_descriptors(descriptors)
     assert vectors.shape[0] == 11 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
