@@ -25,7 +25,6 @@ import pycolmap
 from .errors import UserError
 from .evaluation.metrics import EvaluationResult, cameras_from_reconstruction, evaluate
 from .prior import PriorCameras
-from .similarity import align_points
 
 logger = logging.getLogger(__name__)
 
@@ -276,26 +275,74 @@ def _frustum_lines(cameras: PriorCameras, size: float, values: np.ndarray) -> tu
     return xs, ys, zs, colours
 
 
-def _prior_in_model_frame(prior: PriorCameras, cameras: PriorCameras) -> PriorCameras | None:
-    """The prior cameras mapped into the model's frame by a robust similarity of the common centres."""
+@dataclass
+class PriorAlignment:
+    """The prior's world mapped onto the model's, X_model = scale * rotation @ X_prior + translation, and what
+    each common image changed under it."""
+
+    rotation: np.ndarray  # (3,3)
+    scale: float
+    translation: np.ndarray  # (3,)
+    names: list[str]  # the images both have, in the model's order
+    rotation_change_deg: np.ndarray  # per name: angle between the prior's and the model's camera rotation
+    center_change_pct: np.ndarray  # per name: centre distance, % of the model's scene extent
+
+
+def _nearest_rotation(M: np.ndarray) -> np.ndarray:
+    U, _, Vt = np.linalg.svd(M)
+    return U @ np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))]) @ Vt
+
+
+def align_prior(prior: PriorCameras, cameras: PriorCameras) -> PriorAlignment | None:
+    """Map the prior onto the model (None with fewer than 2 common images).
+
+    The rotation comes from the cameras' rotations (R_prior = R_model @ A for every image, averaged), not from
+    the centres: a few cameras along a line leave a centre fit free to turn about that line. Images that moved
+    far more than the others (the frames the prior got wrong) are left out of the fit, so that they stand out.
+    """
     index = {name: i for i, name in enumerate(prior.image_names)}
     common = [(index[n], j) for j, n in enumerate(cameras.image_names) if n in index]
-    if len(common) < 3:
+    if len(common) < 2:
         return None
-    src = prior.centers()[[i for i, _ in common]]
-    tgt = cameras.centers()[[j for _, j in common]]
-    sim, _ = align_points(src, tgt, 0.2 * cameras.scene_scale())
-    if sim is None:
-        return None
-    model_from_prior = sim.matrix()
-    rotation = model_from_prior[:, :3] / sim.scale
-    poses = []
-    for pose in prior.cam_from_world:
-        center = -pose[:, :3].T @ pose[:, 3]
-        R = pose[:, :3] @ rotation.T
-        new_center = model_from_prior[:, :3] @ center + model_from_prior[:, 3]
-        poses.append(np.hstack([R, (-R @ new_center)[:, None]]))
-    return PriorCameras(prior.image_names, prior.image_sizes, np.array(poses), prior.intrinsics)
+    R_prior = prior.cam_from_world[[i for i, _ in common], :, :3]
+    R_model = cameras.cam_from_world[[j for _, j in common], :, :3]
+    per_image = np.einsum("sji,sjk->sik", R_model, R_prior)  # R_model^T R_prior
+    keep = np.ones(len(common), dtype=bool)
+    for _ in range(2):
+        A = _nearest_rotation(per_image[keep].sum(axis=0))
+        angles = _angle_deg(R_prior, R_model @ A)
+        keep = angles <= 3.0 * np.median(angles) + 0.5
+    C_prior = prior.centers()[[i for i, _ in common]] @ A.T
+    C_model = cameras.centers()[[j for _, j in common]]
+    inliers = np.ones(len(common), dtype=bool)
+    for _ in range(2):
+        mean_p, mean_m = C_prior[inliers].mean(axis=0), C_model[inliers].mean(axis=0)
+        spread = np.sum((C_prior[inliers] - mean_p) ** 2)
+        scale = float(np.sum((C_prior[inliers] - mean_p) * (C_model[inliers] - mean_m)) / spread) if spread > 0 else 1.0
+        translation = mean_m - scale * mean_p
+        residuals = np.linalg.norm(scale * C_prior + translation - C_model, axis=1)
+        inliers = residuals <= 3.0 * np.median(residuals) + 1e-12
+        if inliers.sum() < 2:
+            break
+    extent = cameras.scene_scale() if cameras.num_images >= 2 else 1.0
+    return PriorAlignment(
+        rotation=A, scale=scale, translation=translation, names=[cameras.image_names[j] for _, j in common],
+        rotation_change_deg=angles, center_change_pct=100.0 * residuals / extent,
+    )
+
+
+def _angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
+    cosine = (np.einsum("sij,sij->s", R_a, R_b) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+
+
+def _prior_in_model_frame(prior: PriorCameras, alignment: PriorAlignment) -> PriorCameras:
+    """The prior cameras moved into the model's frame."""
+    A, s, t = alignment.rotation, alignment.scale, alignment.translation
+    R = prior.cam_from_world[:, :, :3] @ A.T
+    centers = s * prior.centers() @ A.T + t
+    poses = np.concatenate([R, -np.einsum("sij,sj->si", R, centers)[:, :, None]], axis=2)
+    return PriorCameras(prior.image_names, prior.image_sizes, poses, prior.intrinsics)
 
 
 def scene_figure(reconstruction: pycolmap.Reconstruction, stats: ModelStatistics, prior: PriorCameras | None) -> Any:
@@ -323,8 +370,9 @@ def scene_figure(reconstruction: pycolmap.Reconstruction, stats: ModelStatistics
             extent = float(np.median(np.linalg.norm(xyz - np.median(xyz, axis=0), axis=1))) or 1.0
     size = 0.15 * extent
     if prior is not None:
-        aligned = _prior_in_model_frame(prior, cameras)
-        if aligned is not None:
+        alignment = align_prior(prior, cameras)
+        if alignment is not None:
+            aligned = _prior_in_model_frame(prior, alignment)
             xs, ys, zs, _ = _frustum_lines(aligned, size, np.zeros(aligned.num_images))
             fig.add_trace(go.Scatter3d(x=xs, y=ys, z=zs, mode="lines", name="prior cameras (aligned)",
                                        line={"color": "rgba(120,120,120,0.8)", "width": 2}, hoverinfo="skip"))  # fmt: skip
@@ -362,27 +410,25 @@ _CATEGORY_COLOURS = {"refined": "#4c78a8", "re-localised": "#f58518", "not refin
 
 
 def prior_change_figure(inputs: ReportInputs) -> Any:
-    """Per image, the rotation and centre change from the prior to the result (after a similarity alignment)."""
+    """Per image, the rotation and centre change from the prior to the result (after `align_prior`)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     cameras = cameras_from_reconstruction(inputs.reconstruction)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("rotation change (degrees)", "centre change (% of the scene extent)"))  # fmt: skip
-    common = set(inputs.prior.image_names) & set(cameras.image_names) if inputs.prior is not None else set()
-    if inputs.prior is None or cameras.num_images < 3 or len(common) < 3:
-        reason = "no prior cameras (not a vggt-sfm output)" if inputs.prior is None else "fewer than 3 registered images"
+    alignment = align_prior(inputs.prior, cameras) if inputs.prior is not None else None
+    if alignment is None:
+        reason = "no prior cameras (not a vggt-sfm output)" if inputs.prior is None else "fewer than 2 registered images"
         return _layout(_no_data(fig, reason), height=420)
-    change = evaluate(inputs.prior, cameras, labels=("the prior", "the model"))
-    rows = change.per_image()
-    names = [row["name"] for row in rows]
+    names = alignment.names
     categories = _image_categories(names, inputs.summary)
     for category, colour in _CATEGORY_COLOURS.items():
         chosen = [k for k, c in enumerate(categories) if c == category]
         if not chosen:
             continue
-        for row, key in ((1, "rotation_error_deg"), (2, "center_error_pct")):
-            fig.add_trace(go.Bar(x=[names[k] for k in chosen], y=[rows[k][key] for k in chosen], name=category,
+        for row, values in ((1, alignment.rotation_change_deg), (2, alignment.center_change_pct)):
+            fig.add_trace(go.Bar(x=[names[k] for k in chosen], y=[float(values[k]) for k in chosen], name=category,
                                  marker_color=colour, legendgroup=category, showlegend=row == 1), row=row, col=1)  # fmt: skip
     fig.update_xaxes(categoryorder="array", categoryarray=names)
     return _layout(fig, height=480, barmode="overlay")
