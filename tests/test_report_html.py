@@ -115,7 +115,7 @@ def test_a_run_writes_a_self_contained_report_with_every_plot(run_output):
     rec = pycolmap.Reconstruction(run_output / "sparse" / "0")
     # The figures hold the model's numbers: every observation, every point, every BA round, every stage.
     scene = {trace["name"].split(" (")[0]: trace for trace in plots["plot-scene"]}
-    assert {"points", "prior cameras", "refined cameras", "camera centres"} <= set(scene)
+    assert {"points", "prior cameras", "cameras", "camera centres"} <= set(scene)
     assert _values(scene["camera centres"]["x"]) == rec.num_reg_images() == 4
     assert _values(plots["plot-reprojection-errors"][0]["x"]) == rec.compute_num_observations()
     assert _decoded(plots["plot-track-lengths"][0]["y"]).sum() == rec.num_points3D()

@@ -345,7 +345,17 @@ def _prior_in_model_frame(prior: PriorCameras, alignment: PriorAlignment) -> Pri
     return PriorCameras(prior.image_names, prior.image_sizes, poses, prior.intrinsics)
 
 
-def scene_figure(reconstruction: pycolmap.Reconstruction, stats: ModelStatistics, prior: PriorCameras | None) -> Any:
+def _subset(cameras: PriorCameras, keep: np.ndarray) -> PriorCameras:
+    return PriorCameras([n for n, k in zip(cameras.image_names, keep) if k], cameras.image_sizes[keep],
+                        cameras.cam_from_world[keep], cameras.intrinsics[keep])  # fmt: skip
+
+
+def scene_figure(
+    reconstruction: pycolmap.Reconstruction,
+    stats: ModelStatistics,
+    prior: PriorCameras | None,
+    summary: dict[str, Any] | None = None,
+) -> Any:
     """3D view: the model's frusta coloured by their mean reprojection error, points in their colours, and the
     prior's frusta (toggle in the legend)."""
     import plotly.graph_objects as go
@@ -379,18 +389,25 @@ def scene_figure(reconstruction: pycolmap.Reconstruction, stats: ModelStatistics
     if cameras.num_images:
         by_name = dict(zip(stats.names, stats.mean_error))
         errors = np.array([by_name.get(n, np.nan) for n in cameras.image_names])
+        measured = np.isfinite(errors)
         shown = np.nan_to_num(errors, nan=0.0)
-        top = float(np.nanmax(errors)) if np.isfinite(errors).any() else 1.0
-        xs, ys, zs, colours = _frustum_lines(cameras, size, shown)
+        top = float(np.nanmax(errors)) if measured.any() else 1.0
         colour_axis = {"cmin": 0.0, "cmax": max(top, 1e-3), "colorscale": "Viridis"}
-        fig.add_trace(go.Scatter3d(
-            x=xs, y=ys, z=zs, mode="lines", name="refined cameras", hoverinfo="skip",
-            line={"color": colours, "width": 4, **colour_axis},
-        ))  # fmt: skip
+        if measured.any():
+            xs, ys, zs, colours = _frustum_lines(_subset(cameras, measured), size, shown[measured])
+            fig.add_trace(go.Scatter3d(
+                x=xs, y=ys, z=zs, mode="lines", name="cameras (colour: mean reprojection error)", hoverinfo="skip",
+                line={"color": colours, "width": 4, **colour_axis},
+            ))  # fmt: skip
+        if not measured.all():  # a frame without observations has no error: grey, not the colour of 0 px
+            xs, ys, zs, _ = _frustum_lines(_subset(cameras, ~measured), size, shown[~measured])
+            fig.add_trace(go.Scatter3d(x=xs, y=ys, z=zs, mode="lines", name="cameras without observations",
+                                       hoverinfo="skip", line={"color": "#d62728", "width": 4}))  # fmt: skip
         centers = cameras.centers()
         fig.add_trace(go.Scatter3d(
             x=centers[:, 0], y=centers[:, 1], z=centers[:, 2], mode="markers", name="camera centres",
-            text=[f"{n}<br>mean reprojection error {e:.3f} px" for n, e in zip(cameras.image_names, errors)],
+            text=[f"{n} ({c})<br>mean reprojection error {e:.3f} px"
+                  for n, c, e in zip(cameras.image_names, _image_categories(cameras.image_names, summary), errors)],
             hoverinfo="text",
             marker={"size": 4, "color": shown, **colour_axis,
                     "colorbar": {"title": {"text": "mean reproj.<br>error (px)"}}},
@@ -625,7 +642,7 @@ def build_figures(
     stats = model_statistics(inputs.reconstruction)
     summary = inputs.summary
     figures = {
-        "plot-scene": scene_figure(inputs.reconstruction, stats, inputs.prior),
+        "plot-scene": scene_figure(inputs.reconstruction, stats, inputs.prior, summary),
         "plot-prior-change": prior_change_figure(inputs),
         "plot-reprojection-errors": _histogram_figure(stats.errors, "reprojection error (px)", "no observation"),
         "plot-track-lengths": _histogram_figure(stats.track_lengths, "track length (images)", "no 3D point", integer=True),
