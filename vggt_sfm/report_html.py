@@ -23,7 +23,7 @@ import numpy as np
 import pycolmap
 
 from .errors import UserError
-from .evaluation.metrics import EvaluationResult, cameras_from_reconstruction, evaluate
+from .evaluation.metrics import EvaluationResult, cameras_from_reconstruction, evaluate, rotation_errors_deg
 from .prior import PriorCameras
 
 logger = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def align_prior(prior: PriorCameras, cameras: PriorCameras) -> PriorAlignment | 
     keep = np.ones(len(common), dtype=bool)
     for _ in range(2):
         A = _nearest_rotation(per_image[keep].sum(axis=0))
-        angles = _angle_deg(R_prior, R_model @ A)
+        angles = rotation_errors_deg(R_prior, R_model @ A)
         keep = angles <= 3.0 * np.median(angles) + 0.5
     C_prior = prior.centers()[[i for i, _ in common]] @ A.T
     C_model = cameras.centers()[[j for _, j in common]]
@@ -329,11 +329,6 @@ def align_prior(prior: PriorCameras, cameras: PriorCameras) -> PriorAlignment | 
         rotation=A, scale=scale, translation=translation, names=[cameras.image_names[j] for _, j in common],
         rotation_change_deg=angles, center_change_pct=100.0 * residuals / extent,
     )
-
-
-def _angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
-    cosine = (np.einsum("sij,sij->s", R_a, R_b) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
 
 
 def _prior_in_model_frame(prior: PriorCameras, alignment: PriorAlignment) -> PriorCameras:
