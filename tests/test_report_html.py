@@ -20,7 +20,7 @@ import numpy as np
 import pycolmap
 import pytest
 
-from vggt_sfm import pipeline
+from vggt_sfm import pipeline, report_html
 from vggt_sfm.cli import main
 from vggt_sfm.config import config_from_dict
 from vggt_sfm.errors import UserError
@@ -177,6 +177,19 @@ def test_no_report_writes_none(scene):
     assert (output / PRIOR_FILE).exists()  # so that `vggt-sfm report` can still compare with the prior
     code, _, stderr = _cli(["report", str(output)])
     assert code == 0 and (output / REPORT_FILE).exists(), stderr
+
+
+def test_a_failing_report_costs_the_run_nothing(scene, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a plotting bug")
+
+    monkeypatch.setattr(report_html, "render_page", broken)
+    output = scene["root"] / "broken_report"
+    result = pipeline.run(scene["images"], predictions=scene["prior"], output=output, config=config_from_dict(SMALL))
+    assert result.summary.status == "ok" and (output / "sparse" / "0" / "images.bin").exists()
+    assert not (output / REPORT_FILE).exists() and not list(output.glob(".*partial"))
+    assert REPORT_FILE not in json.loads((output / "summary.json").read_text())["paths_written"]
+    assert "report.html was not written (RuntimeError: a plotting bug)" in caplog.text
 
 
 def test_a_folder_that_is_not_a_model_is_one_clear_line(tmp_path):

@@ -39,7 +39,7 @@ from .prior import PriorCameras, prior_from_predictions
 from . import __version__
 from .evaluation.metrics import check_common_images, evaluate, read_ground_truth
 from .report import json_ready, label_reprojection_errors, output_entries
-from .report_html import REPORT_FILE, accuracy_details, match_statistics, write_report
+from .report_html import REPORT_FILE, accuracy_details, match_statistics, write_run_report
 from .sanity import STATUS_OK, check_run, status_of
 
 logger = logging.getLogger(__name__)
@@ -329,8 +329,9 @@ def _run_stages(
         summary.stage_seconds = dict(timer.seconds)
         summary.paths_written = output_entries(work) + ["summary.json"] + [REPORT_FILE] * config.output.report
         (work / "summary.json").write_text(summary.to_json())
-        if config.output.report:  # built from the files above, as `vggt-sfm report` rebuilds it
-            write_report(work, label=str(output_path))
+        if config.output.report and not write_run_report(work, label=str(output_path)):  # from the files above
+            summary.paths_written.remove(REPORT_FILE)
+            (work / "summary.json").write_text(summary.to_json())
         commit_output(work, output_path)
     summary.stage_seconds = dict(timer.seconds)
     return ReconstructionResult(reconstruction=reconstruction, summary=summary, output=output_path, accuracy=accuracy)

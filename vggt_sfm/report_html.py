@@ -188,13 +188,11 @@ class ModelStatistics:
     mean_error: np.ndarray  # (S,) px, NaN without observations
     errors: np.ndarray  # (O,) px, every observation's reprojection error
     track_lengths: np.ndarray  # (P,) int
-    covisibility: np.ndarray  # (S,S) int: 3D points seen by both images
 
 
 def model_statistics(reconstruction: pycolmap.Reconstruction) -> ModelStatistics:
     """Reprojection errors (per observation and per image), track lengths and co-visibility of a model."""
     images = sorted(reconstruction.images.values(), key=lambda image: image.name)
-    index = {image.image_id: i for i, image in enumerate(images)}
     num = len(images)
     observations = np.zeros(num, dtype=int)
     mean_error = np.full(num, np.nan)
@@ -216,14 +214,6 @@ def model_statistics(reconstruction: pycolmap.Reconstruction) -> ModelStatistics
         error = error[np.isfinite(error)]
         all_errors.append(error)
         mean_error[i] = float(np.mean(error)) if error.size else np.nan
-    covisibility = np.zeros((num, num), dtype=int)
-    track_lengths = np.zeros(len(points), dtype=int)
-    for k, point in enumerate(points.values()):
-        track_lengths[k] = point.track.length()
-        seen = sorted({index[element.image_id] for element in point.track.elements if element.image_id in index})
-        for a in range(len(seen)):
-            covisibility[seen[a], seen[a + 1:]] += 1
-    covisibility = covisibility + covisibility.T
     return ModelStatistics(
         names=[image.name for image in images],
         image_ids=[image.image_id for image in images],
@@ -232,9 +222,19 @@ def model_statistics(reconstruction: pycolmap.Reconstruction) -> ModelStatistics
         keypoints=np.array([image.num_points2D() for image in images], dtype=int),
         mean_error=mean_error,
         errors=np.concatenate(all_errors) if all_errors else np.zeros(0),
-        track_lengths=track_lengths,
-        covisibility=covisibility,
+        track_lengths=np.array([point.track.length() for point in points.values()], dtype=int),
     )
+
+
+def covisibility(reconstruction: pycolmap.Reconstruction, names: list[str]) -> np.ndarray:
+    """(S,S) 3D points seen by both images, images in the order of `names`."""
+    index = {image.image_id: names.index(image.name) for image in reconstruction.images.values() if image.name in names}
+    matrix = np.zeros((len(names), len(names)), dtype=int)
+    for point in reconstruction.points3D.values():
+        seen = sorted({index[element.image_id] for element in point.track.elements if element.image_id in index})
+        for a in range(len(seen)):
+            matrix[seen[a], seen[a + 1:]] += 1
+    return matrix + matrix.T
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,21 +485,22 @@ def _match_graph(inputs: ReportInputs, stats: ModelStatistics) -> tuple[list[str
         for i, j, _, verified in graph["pairs"]:
             matrix[i, j] = matrix[j, i] = verified
         return names, np.asarray(graph["keypoints"], dtype=int), matrix, "verified matches"
-    return stats.names, stats.keypoints, stats.covisibility, "3D points seen by both (the model has no match list)"
+    matrix = covisibility(inputs.reconstruction, stats.names)
+    return stats.names, stats.keypoints, matrix, "3D points seen by both (the model has no match list)"
 
 
-def features_matches_figure(inputs: ReportInputs, stats: ModelStatistics) -> Any:
-    """Keypoints and verified matches (summed over the image's pairs) per image."""
-    names, keypoints, matrix, counted = _match_graph(inputs, stats)
+def features_matches_figure(graph: tuple[list[str], np.ndarray, np.ndarray, str]) -> Any:
+    """Keypoints and verified matches (summed over the image's pairs) per image, from `_match_graph`."""
+    names, keypoints, matrix, counted = graph
     label = "verified matches" if counted == "verified matches" else "points shared with other images"
     return _per_image_bars(names, {"keypoints": keypoints, label: matrix.sum(axis=1)}, "count", "the model has no image")
 
 
-def match_matrix_figure(inputs: ReportInputs, stats: ModelStatistics) -> Any:
-    """The pair graph as a matrix of match counts."""
+def match_matrix_figure(graph: tuple[list[str], np.ndarray, np.ndarray, str]) -> Any:
+    """The pair graph as a matrix of match counts, from `_match_graph`."""
     import plotly.graph_objects as go
 
-    names, _, matrix, counted = _match_graph(inputs, stats)
+    names, _, matrix, counted = graph
     fig = go.Figure()
     if not names or not matrix.any():
         return _layout(_no_data(fig, "no matched pair"), height=520)
@@ -636,6 +637,7 @@ def build_figures(
     """Every plot of the page by element id (the ground-truth ones only with accuracy), and the model's numbers."""
     stats = model_statistics(inputs.reconstruction)
     summary = inputs.summary
+    graph = _match_graph(inputs, stats)
     figures = {
         "plot-scene": scene_figure(inputs.reconstruction, stats, inputs.prior, summary),
         "plot-prior-change": prior_change_figure(inputs),
@@ -643,8 +645,8 @@ def build_figures(
         "plot-track-lengths": _histogram_figure(stats.track_lengths, "track length (images)", "no 3D point", integer=True),
         "plot-observations": _per_image_bars(stats.names, {"observations": stats.observations}, "observations",
                                              "the model has no image"),  # fmt: skip
-        "plot-features-matches": features_matches_figure(inputs, stats),
-        "plot-match-matrix": match_matrix_figure(inputs, stats),
+        "plot-features-matches": features_matches_figure(graph),
+        "plot-match-matrix": match_matrix_figure(graph),
         "plot-ba-rounds": ba_rounds_figure(summary),
         "plot-stage-times": stage_times_figure(summary),
     }
@@ -677,6 +679,18 @@ def render_page(inputs: ReportInputs, accuracy: dict[str, Any] | None = None, la
         f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head>\n<body>"
         f"<h1>{html.escape(title)}</h1>{_facts_table(inputs, stats, label)}\n" + "\n".join(sections) + "</body></html>\n"
     )
+
+
+def write_run_report(work: Path, label: str) -> bool:
+    """A run's report, written into its (temporary) output folder; False, with a warning, when it fails: an
+    unexpected error in the report must not cost the run its model."""
+    try:
+        write_report(work, label=label)
+    except Exception as error:  # noqa: BLE001 -- any failure here is reported and the run's results are kept
+        logger.warning("report.html was not written (%s: %s); `vggt-sfm report %s` retries", type(error).__name__,
+                       error, label)  # fmt: skip
+        return False
+    return True
 
 
 def write_report(
