@@ -205,6 +205,12 @@ def test_a_folder_that_is_not_a_model_is_one_clear_line(tmp_path):
     assert code == 2 and "cannot read a COLMAP model" in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def test_a_report_into_a_missing_folder_is_one_clear_line(run_output, tmp_path):
+    target = tmp_path / "missing" / "r.html"
+    code, _, stderr = _cli(["report", str(run_output), "--output", str(target)])
+    assert code == 2 and f"its folder {target.parent} does not exist" in stderr, stderr
+
+
 def test_a_model_without_points_or_with_one_image_still_gets_a_report(run_output, tmp_path):
     rec = pycolmap.Reconstruction(run_output / "sparse" / "0")
     for point_id in list(rec.point3D_ids()):

@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="(re)write the HTML report of an output folder or of any COLMAP model folder",
         formatter_class=_HelpFormatter,
     )
-    rep.add_argument("folder", metavar="OUTPUT", help="output folder of `reconstruct`, or a COLMAP model folder")
-    rep.add_argument("--output", help="the HTML file to write (default: OUTPUT/report.html)")
+    rep.add_argument("folder", metavar="FOLDER", help="output folder of `reconstruct`, or a COLMAP model folder")
+    rep.add_argument("--output", metavar="FILE", help="the HTML file to write (default: FOLDER/report.html)")
     rep.add_argument("--gt", help="ground-truth COLMAP model of the same images: add the accuracy plots")
     return parser
 

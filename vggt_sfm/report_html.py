@@ -713,6 +713,8 @@ def write_report(
             evaluate(inputs.reconstruction, ground_truth, labels=(f"the model {inputs.model_dir}", "the ground truth"))
         )
     target = Path(output) if output is not None else inputs.default_output
+    if not target.parent.is_dir():
+        raise UserError(f"cannot write the report {target}: its folder {target.parent} does not exist")
     partial = target.with_name(f".{target.name}.partial")
     if label is None:
         label = str(inputs.model_dir if inputs.model_dir == Path(output_dir) else Path(output_dir))
