@@ -1,4 +1,4 @@
-"""`vggt-sfm reconstruct | predict | pipelines | evaluate | simulate`.
+"""`vggt-sfm reconstruct | predict | pipelines | evaluate | simulate | report`.
 
 The command line only parses arguments and calls the Python API; everything it does is available from Python.
 
@@ -44,6 +44,7 @@ RECONSTRUCT_OVERRIDES: dict[str, str] = {
     "dense_points": "output.dense_points",
     "downscales": "output.downscales",
     "text": "output.text",
+    "report": "output.report",
     "preprocess": "predict.preprocess",
     "device": "predict.device",
     "dtype": "predict.dtype",
@@ -66,7 +67,7 @@ PARAMETER_OPTIONS: dict[str, str] = {
     "heads": "--heads",
     "window": "--window",
     "window_overlap": "--window-overlap",
-    **{path: "--" + name.replace("_", "-") for name, path in RECONSTRUCT_OVERRIDES.items() if name != "ba"},
+    **{path: "--" + name.replace("_", "-") for name, path in RECONSTRUCT_OVERRIDES.items() if name not in ("ba", "report")},
 }
 _PARAM = re.compile(r"`([\w.]+)(?:=([^`]*))?`")
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--dense-points", type=int, help="dense initial points from depth for the exports (at most N)")
     rec.add_argument("--downscales", type=_int_list, metavar="N,N,...", help="gsplat: also write images_N, e.g. 2,4,8")
     rec.add_argument("--text", action="store_true", default=None, help="also write the text model")
+    rec.add_argument("--no-report", dest="report", action="store_false", default=None, help="do not write OUTPUT/report.html")
     rec.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override any preset value")
     rec.add_argument("--gt", help="ground-truth COLMAP model of the same images: print the accuracy at the end (and keep it in summary.json)")
     _add_common(rec)
@@ -181,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--depth-from", help="COLMAP model with 3D points of the same images: add simulated depth maps")
     sim.add_argument("--failure-modes", default="", help="VGGT's structured errors to add, comma-separated: focal-bias, "
                      "drift, bad-frames, flipped, depth, or all (see vggt_sfm/evaluation/failure_modes.py)")
+    rep = sub.add_parser(
+        "report", help="(re)write the HTML report of an output folder or of any COLMAP model folder",
+        formatter_class=_HelpFormatter,
+    )
+    rep.add_argument("folder", metavar="FOLDER", help="output folder of `reconstruct`, or a COLMAP model folder")
+    rep.add_argument("--output", metavar="FILE", help="the HTML file to write (default: FOLDER/report.html)")
+    rep.add_argument("--gt", help="ground-truth COLMAP model of the same images: add the accuracy plots")
     return parser
 
 
@@ -317,12 +326,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report_html import write_report
+
+    gt = _read_model(args.gt, "--gt") if args.gt else None
+    print(f"wrote {write_report(Path(args.folder), output=args.output, ground_truth=gt)}")
+    return 0
+
+
 COMMANDS = {
     "reconstruct": _cmd_reconstruct,
     "predict": _cmd_predict,
     "pipelines": _cmd_pipelines,
     "evaluate": _cmd_evaluate,
     "simulate": _cmd_simulate,
+    "report": _cmd_report,
 }
 
 

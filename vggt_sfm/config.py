@@ -63,6 +63,7 @@ class OutputConfig:
     export: list[str] = field(default_factory=list)  # any of EXPORT_FORMATS
     dense_points: int = 0  # > 0: dense initial points from depth for the exports, at most this many
     downscales: list[int] = field(default_factory=list)  # gsplat: also write images_N for these N
+    report: bool = True  # OUTPUT/report.html (vggt_sfm/report_html.py)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .export.colmap import write_model
 from .export.ply import reconstruction_points, write_ply
 from .predictions import Predictions
 from .prior import PriorCameras
+from .report_html import PRIOR_FILE, require_plotly, write_prior_cameras
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ def check_output_requirements(config: PipelineConfig, predictions: Predictions) 
             "dense points need depth predictions, but the predictions have no 'depth' "
             f"(run `vggt-sfm predict`, which saves depth, or set {param('output.dense_points', 0)})"
         )
+    if config.output.report:
+        require_plotly()
 
 
 def write_outputs(
@@ -48,6 +51,7 @@ def write_outputs(
     facts: dict[str, Any] = {}
     write_model(reconstruction, work / "sparse" / "0", text=output.text)
     write_ply(work / "points3D.ply", *reconstruction_points(reconstruction))
+    write_prior_cameras(work / PRIOR_FILE, prior)  # the predicted cameras, for the report's comparison
 
     if output.database:
         from .export.database import write_database

@@ -39,6 +39,7 @@ from .prior import PriorCameras, prior_from_predictions
 from . import __version__
 from .evaluation.metrics import check_common_images, evaluate, read_ground_truth
 from .report import json_ready, label_reprojection_errors, output_entries
+from .report_html import REPORT_FILE, accuracy_details, match_statistics, write_run_report
 from .sanity import STATUS_OK, check_run, status_of
 
 logger = logging.getLogger(__name__)
@@ -358,6 +359,8 @@ def _run_stages(
     summary.config, summary.command = config.as_dict(), command
     accuracy = evaluate(reconstruction, gt, labels=("the model", "the ground truth")) if gt is not None else None
     summary.accuracy = accuracy.as_dict() if accuracy is not None else None
+    if accuracy is not None:
+        summary.details["ground_truth"] = accuracy_details(accuracy)
     summary.failure_reasons = check_run(
         summary.num_images, summary.num_points, summary.mean_reprojection_error, summary.not_refined, prior,
         bundle_adjusted=summary.bundle_adjusted,
@@ -370,8 +373,11 @@ def _run_stages(
                 work, reconstruction, config, images_dir, prior, predictions_used, stages
             )
         summary.stage_seconds = dict(timer.seconds)
-        summary.paths_written = output_entries(work) + ["summary.json"]
+        summary.paths_written = output_entries(work) + ["summary.json"] + [REPORT_FILE] * config.output.report
         (work / "summary.json").write_text(summary.to_json())
+        if config.output.report and not write_run_report(work, label=str(output_path)):  # from the files above
+            summary.paths_written.remove(REPORT_FILE)
+            (work / "summary.json").write_text(summary.to_json())
         commit_output(work, output_path)
     summary.stage_seconds = dict(timer.seconds)
     return ReconstructionResult(reconstruction=reconstruction, summary=summary, output=output_path, accuracy=accuracy)
@@ -470,6 +476,7 @@ def _reconstruct_from_prior(
             "focal_factor_applied": float(np.mean(prior.intrinsics[:, 0, 0] / predicted.intrinsics[:, 0, 0])),
             "mapping": _report_dict(mapping_report),
             "refine": _report_dict(refine_report),
+            "match_graph": match_statistics(names, features, verified),
         },
         **numbers,
     )

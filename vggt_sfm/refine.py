@@ -107,6 +107,7 @@ class RoundReport:
     added: int  # observations created, completed or merged
     termination: str
     time_s: float
+    num_points: int = 0  # 3D points after the round
 
 
 @dataclass
@@ -220,6 +221,7 @@ def refine_reconstruction(
                     added=int(added),
                     termination=summary.termination,
                     time_s=time.perf_counter() - round_start,
+                    num_points=int(rec.num_points3D()),
                 )
             )
             logger.info(
