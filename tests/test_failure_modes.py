@@ -143,3 +143,37 @@ def test_shared_focal_bias_and_drift_end_near_the_iid_result(temple_gt, modes):
     assert metrics.num_registered == metrics.num_images
     assert metrics.as_dict()["rotation_error_median_deg"] <= 1.5 * 1.24
     assert metrics.as_dict()["auc@1"] >= COLMAP_AUC1_TEMPLE
+
+
+def test_a_model_that_contradicts_the_prediction_on_most_pairs_fails(temple_gt):
+    # templeSR under every failure mode, seed 1: bundle adjustment converged (0.2 px) to a model 10 deg off the
+    # truth, which the summary called a success. The prediction is a few degrees off per frame; a model that
+    # turns most pairs far from it is not to be trusted.
+    import pycolmap
+    from scipy.spatial.transform import Rotation
+
+    from vggt_sfm.sanity import check_run, prior_disagreement_deg
+
+    prior = temple_gt
+    model = pycolmap.Reconstruction()
+    camera = pycolmap.Camera(camera_id=1, model="SIMPLE_PINHOLE", width=640, height=480, params=[1500, 320, 240])
+    model.add_camera_with_trivial_rig(camera)
+    turns = Rotation.from_rotvec(np.random.default_rng(0).normal(size=(prior.num_images, 3)) * np.radians(2)).as_matrix()
+    for i, name in enumerate(prior.image_names):
+        pose = prior.cam_from_world[i].copy()
+        pose[:, :3] = turns[i] @ pose[:, :3]  # 2 degrees per frame: as far as VGGT's iid error
+        model.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=1, image_id=i + 1), pycolmap.Rigid3d(pose))
+    near = prior_disagreement_deg(model, prior)
+    assert 1.0 < near < 8.0 and not check_run(16, 100, 0.3, [], prior_disagreement=near)
+    bent = Rotation.from_rotvec([0.0, 0.3, 0.0]).as_matrix()  # half the frames turned 17 degrees: a bent model
+    for i in range(0, prior.num_images, 2):
+        image = model.image(i + 1)
+        pose = image.cam_from_world().matrix()
+        pose[:, :3] = bent @ pose[:, :3]
+        model.frame(image.frame_id).rig_from_world = pycolmap.Rigid3d(pose)
+    far = prior_disagreement_deg(model, prior)
+    assert far > 8.0
+    (reason,) = check_run(16, 100, 0.3, [], prior_disagreement=far)
+    assert "from the predicted cameras" in reason
+    # The frames the run found wrong do not count against it.
+    assert prior_disagreement_deg(model, prior, skip=prior.image_names[::2]) == pytest.approx(near, abs=1.0)

@@ -40,7 +40,7 @@ from . import __version__
 from .evaluation.metrics import check_common_images, evaluate, read_ground_truth
 from .report import json_ready, label_reprojection_errors, output_entries
 from .report_html import REPORT_FILE, accuracy_details, match_statistics, write_run_report
-from .sanity import STATUS_OK, check_run, status_of
+from .sanity import STATUS_OK, check_run, prior_disagreement_deg, status_of
 
 logger = logging.getLogger(__name__)
 
@@ -361,9 +361,13 @@ def _run_stages(
     summary.accuracy = accuracy.as_dict() if accuracy is not None else None
     if accuracy is not None:
         summary.details["ground_truth"] = accuracy_details(accuracy)
+    disagreement = (
+        prior_disagreement_deg(reconstruction, prior, _known_failed(summary)) if prior is not None else float("nan")
+    )
+    summary.details["prior_disagreement_deg"] = disagreement
     summary.failure_reasons = check_run(
         summary.num_images, summary.num_points, summary.mean_reprojection_error, summary.not_refined, prior,
-        bundle_adjusted=summary.bundle_adjusted,
+        bundle_adjusted=summary.bundle_adjusted, prior_disagreement=disagreement,
     )
     summary.status = status_of(summary.failure_reasons)
 
@@ -494,6 +498,12 @@ def _focal_factor(reconstruction: pycolmap.Reconstruction, prior: PriorCameras, 
             K = prior.intrinsics[index[image.name]]
             ratios.append(reconstruction.cameras[image.camera_id].mean_focal_length() / (0.5 * (K[0, 0] + K[1, 1])))
     return float(np.median(ratios)) if ratios else 1.0
+
+
+def _known_failed(summary: ReconstructionSummary) -> list[str]:
+    """The frames whose prediction the run found wrong (repaired, re-localised) or could not refine."""
+    repaired = (summary.details.get("view_graph") or {}).get("failed") or []
+    return sorted(set(summary.not_refined) | set(summary.relocalized) | set(repaired))
 
 
 def _image_ids(names: list[str], subset: list[str]) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pycolmap
 
 from .prior import PriorCameras
 
@@ -28,6 +29,36 @@ class SanityLimits:
     max_mean_reprojection_error_px: float = 4.0  # after bundle adjustment a good model is well under 1 px
     max_not_refined_fraction: float = 0.5  # frames that kept their predicted pose, of all frames
     min_center_spread: float = 1e-9  # of the predicted camera centres, in the prediction's units
+    # Median, over pairs of refined images, of the angle between their relative rotation in the model and in the
+    # prediction. VGGT is a few degrees off per frame and fails on a minority of frames; a model that turns most
+    # pairs farther than this from it has converged to a wrong solution (a weak scene bent by wrong matches).
+    max_prior_disagreement_deg: float = 8.0
+
+
+def prior_disagreement_deg(
+    reconstruction: pycolmap.Reconstruction, prior: PriorCameras, skip: list[str] = (), max_pairs: int = 5000
+) -> float:
+    """Median angle (degrees) between the model's and the prior's relative rotations over pairs of its refined
+    images (a regular sample of at most `max_pairs` pairs); NaN with fewer than two such images."""
+    index = {name: i for i, name in enumerate(prior.image_names)}
+    skipped = set(skip)
+    frames, rotations = [], []
+    for image in reconstruction.images.values():
+        if image.has_pose and image.name in index and image.name not in skipped:
+            frames.append(index[image.name])
+            rotations.append(image.cam_from_world().rotation.matrix())
+    if len(frames) < 2:
+        return float("nan")
+    R_model = np.array(rotations)
+    R_prior = prior.cam_from_world[frames, :, :3]
+    first, second = np.triu_indices(len(frames), k=1)
+    step = max(1, len(first) // max_pairs)
+    first, second = first[::step], second[::step]
+    # angle(R_j R_i^T (model), R_j R_i^T (prior)) from the trace of their product
+    model_rel = np.einsum("pij,pkj->pik", R_model[second], R_model[first])
+    prior_rel = np.einsum("pij,pkj->pik", R_prior[second], R_prior[first])
+    cosine = (np.einsum("pij,pij->p", model_rel, prior_rel) - 1.0) / 2.0
+    return float(np.degrees(np.median(np.arccos(np.clip(cosine, -1.0, 1.0)))))
 
 
 def check_run(
@@ -38,11 +69,13 @@ def check_run(
     prior: PriorCameras | None = None,
     bundle_adjusted: bool = True,
     limits: SanityLimits = SanityLimits(),
+    prior_disagreement: float = float("nan"),
 ) -> list[str]:
     """The reasons a run's result is not usable (empty when it passes every check).
 
     The reprojection limit applies only to a bundle-adjusted model: the initial one (`--no-ba`) keeps the
-    prior's poses, whose errors of several pixels are expected there.
+    prior's poses, whose errors of several pixels are expected there. `prior_disagreement` (degrees, see
+    `prior_disagreement_deg`) fails a model that contradicts the prediction on most pairs.
     """
     reasons = []
     if prior is not None and prior.num_images >= 2:
@@ -64,6 +97,11 @@ def check_run(
         reasons.append(
             f"{len(not_refined)} of {num_images} images were not refined (too few triangulated observations; "
             "they kept their predicted pose)"
+        )
+    if prior_disagreement > limits.max_prior_disagreement_deg:  # NaN passes: nothing to compare
+        reasons.append(
+            f"the model turns its image pairs {prior_disagreement:.1f} degrees (median) from the predicted cameras: "
+            "more than VGGT's errors, so it is most likely bent by wrong matches; inspect it before use"
         )
     return reasons
 
