@@ -51,7 +51,8 @@ def write_outputs(
     facts: dict[str, Any] = {}
     write_model(reconstruction, work / "sparse" / "0", text=output.text)
     write_ply(work / "points3D.ply", *reconstruction_points(reconstruction))
-    write_prior_cameras(work / PRIOR_FILE, prior)  # the predicted cameras, for the report's comparison
+    if prior is not None:  # (a run without a prior has none to compare with)
+        write_prior_cameras(work / PRIOR_FILE, prior)  # the predicted cameras, for the report's comparison
 
     if output.database:
         from .export.database import write_database
