@@ -49,6 +49,8 @@ RECONSTRUCT_OVERRIDES: dict[str, str] = {
     "dtype": "predict.dtype",
     "window": "predict.window",
     "window_overlap": "predict.window_overlap",
+    "backend": "backend.name",
+    "ray_address": "backend.address",
 }
 
 
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--downscales", type=_int_list, metavar="N,N,...", help="gsplat: also write images_N, e.g. 2,4,8")
     rec.add_argument("--text", action="store_true", default=None, help="also write the text model")
     rec.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override any preset value")
+    rec.add_argument("--backend", choices=["local", "ray"], help="where features, matching and verification run: this machine, or Ray tasks (pip install -e \".[ray]\")")
+    rec.add_argument("--ray-address", help="Ray cluster to join, host:port or auto (default: a private Ray instance on this machine)")
     rec.add_argument("--gt", help="ground-truth COLMAP model of the same images: print the accuracy at the end (and keep it in summary.json)")
     _add_common(rec)
     rec.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary (no progress, no warnings)")

@@ -30,6 +30,7 @@ from . import view_graph as view_graph_stage
 from .cache import StageCache, file_fingerprint, stage_key
 from .config import PipelineConfig, load_preset
 from .errors import UserError, param
+from .executor import Executor, open_executor
 from .images import ImageInfo, list_images, scan_images
 from .log import clear_stage, quiet_pycolmap, show_stage
 from .output_folder import commit_output, reserved_output
@@ -261,9 +262,11 @@ def run(
         check_common_images(list_images(Path(images_dir)), gt.image_names, f"images folder {images_dir}",
                             "the ground truth", warn=False)  # fmt: skip
     output_path = Path(output) if output is not None else None
-    with reserved_output(output_path, overwrite) as work:
+    config = config or load_preset("default")  # the same run as the command line's default
+    # Connected before the output is reserved: a cluster that does not answer leaves nothing behind.
+    with open_executor(config.backend) as executor, reserved_output(output_path, overwrite) as work:
         return _run_stages(images_dir, predictions, output_path, work, config, weights, download, progress, gt,
-                           command)  # fmt: skip
+                           command, executor)  # fmt: skip
 
 
 def _run_stages(
@@ -277,6 +280,7 @@ def _run_stages(
     progress: bool,
     gt: PriorCameras | None,
     command: str | None,
+    executor: Executor | None = None,
 ) -> ReconstructionResult:
     config = config or load_preset("default")  # the same run as the command line's default
     images_dir = Path(images_dir)
@@ -306,7 +310,7 @@ def _run_stages(
     prior = prior_from_predictions(predictions_used, image_sizes)
 
     reconstruction, summary, stages = _reconstruct_from_prior(
-        images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress
+        images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress, executor
     )
     summary.skipped_images = skipped
     summary.config, summary.command = config.as_dict(), command
@@ -341,6 +345,7 @@ def _reconstruct_from_prior(
     cache: StageCache,
     timer: _Timer,
     progress: bool,
+    executor: Executor | None = None,
 ) -> tuple[pycolmap.Reconstruction, ReconstructionSummary, StageResults]:
     def cached(stage: str, key: str, compute):
         with timer.stage(stage):
@@ -354,7 +359,7 @@ def _reconstruct_from_prior(
         "features",
         features_key,
         lambda: features_stage.extract_features(
-            images_dir, names, config.features, progress=progress, store=cache.items(features_key)
+            images_dir, names, config.features, progress=progress, store=cache.items(features_key), executor=executor
         ),
     )
     with timer.stage("pairs"):
@@ -367,7 +372,9 @@ def _reconstruct_from_prior(
     raw = cached(
         "matching",
         matches_key,
-        lambda: matching_stage.match_pairs(features, pairs, config.matching, progress=progress, prior=prior),
+        lambda: matching_stage.match_pairs(
+            features, pairs, config.matching, progress=progress, prior=prior, executor=executor
+        ),
     )
     predicted = prior
     for attempt in range(2):
@@ -375,7 +382,9 @@ def _reconstruct_from_prior(
             "verification", matches_key, config.matching, prior.cam_from_world.tolist(), prior.intrinsics.tolist()
         )
         verified = cached(
-            "verification", verify_key, lambda: matching_stage.verify_matches(features, raw, prior, config.matching)
+            "verification",
+            verify_key,
+            lambda: matching_stage.verify_matches(features, raw, prior, config.matching, executor=executor),
         )
         checked = cached(
             "view graph",
