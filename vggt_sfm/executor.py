@@ -99,21 +99,24 @@ def make_executor(config: BackendConfig) -> Executor:
     if config.name == "local":
         return LocalExecutor()
     if config.name == "ray":
+        from .executor_ray import RayExecutor
+
         try:
-            from .executor_ray import RayExecutor
-        except ImportError:
+            return RayExecutor(
+                address=config.address,
+                batch_size=config.batch_size,
+                num_cpus=config.num_cpus or None,
+                object_store_memory=config.object_store_mb * 2**20 or None,
+                max_retries=config.max_retries,
+                connect_timeout_s=config.connect_timeout_s,
+            )
+        except ModuleNotFoundError as error:
+            if error.name != "ray":
+                raise
             raise UserError(
                 f"{param('backend.name', 'ray')} needs Ray, which is not installed (pip install -e \".[ray]\", "
                 "or pip install 'ray[default]')"
             ) from None
-        return RayExecutor(
-            address=config.address,
-            batch_size=config.batch_size,
-            num_cpus=config.num_cpus or None,
-            object_store_memory=config.object_store_mb * 2**20 or None,
-            max_retries=config.max_retries,
-            connect_timeout_s=config.connect_timeout_s,
-        )
     raise UserError(f"unknown backend {config.name!r} in {param('backend.name')} (choose one of: {', '.join(BACKENDS)})")
 
 

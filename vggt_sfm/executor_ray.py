@@ -99,6 +99,13 @@ class RayExecutor(Executor):
         self.address, self.batch_size, self.max_retries = address, batch_size, max_retries
         ray = self._ray = _import_ray(private=address is None)
         self._connected_here = not ray.is_initialized()
+        if not self._connected_here and address not in (None, "auto"):
+            connected = ray.get_runtime_context().gcs_address
+            if address.split("://", 1)[-1] != connected:
+                raise UserError(
+                    f"this process is already connected to the Ray cluster at {connected}, not {address}; use "
+                    f"that one (or auto) in {param('backend.address')}, or call ray.shutdown() first"
+                )
         if self._connected_here:
             if address not in (None, "auto"):
                 _check_reachable(address, connect_timeout_s)
@@ -111,7 +118,7 @@ class RayExecutor(Executor):
             except ConnectionError as error:
                 reason = str(error).splitlines()[0].rstrip(".")
                 if reason.startswith("Failed to connect"):
-                    reason = "something answers there, but not a Ray head node"
+                    reason = "it answers, but not as a Ray head node of this Ray version that accepts this auth token"
                 raise UserError(
                     f"cannot connect to the Ray cluster at {address} ({reason}); start one with `ray start --head`, "
                     f"or pass its host:port in {param('backend.address')}"
