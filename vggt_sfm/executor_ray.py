@@ -171,9 +171,12 @@ class RayExecutor(Executor):
                 pending.remove(ref)
                 yield from results
         finally:
-            # Interrupted, failed, or the caller stopped early: the tasks still queued are not needed.
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            # Interrupted, failed, or the caller stopped early: the tasks not finished are not needed. (Not
+            # force=True: Ray 2.60 aborts the driver when a force-cancelled task completes at the same time.)
+            if pending:
+                _, unfinished = ray.wait(pending, num_returns=len(pending), timeout=0)
+                for ref in unfinished:
+                    ray.cancel(ref)
 
     def close(self) -> None:
         if self._connected_here and self._ray.is_initialized():
