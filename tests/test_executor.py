@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vggt_sfm import cli
-from vggt_sfm.config import config_from_dict
+from vggt_sfm.config import config_from_dict, load_preset
 from vggt_sfm.errors import UserError
 from vggt_sfm.executor import BackendConfig, LocalExecutor, fork_map, make_executor
 
@@ -58,3 +58,11 @@ def test_ray_backend_without_ray_installed_says_how_to_install_it(tmp_path, monk
     assert err.count("\n") == 0 and "--backend ray needs Ray" in err and 'pip install -e ".[ray]"' in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_preset_can_choose_the_ray_backend(tmp_path):
+    preset = tmp_path / "cluster.toml"
+    preset.write_text('extends = "default"\n\n[backend]\nname = "ray"\naddress = "10.0.0.5:6379"\nbatch_size = 8\n')
+    config = load_preset(preset)
+    assert config.backend == BackendConfig(name="ray", address="10.0.0.5:6379", batch_size=8)
+    assert config.features.extractor == "sift"  # the rest is the default preset's

@@ -73,6 +73,19 @@ def test_a_worker_that_dies_is_retried_and_the_results_are_complete(ray_executor
     assert marker.exists()
 
 
+def test_a_worker_that_dies_on_every_try_stops_the_map_with_one_line(ray_executor):
+    from vggt_sfm.executor_ray import RayExecutor
+
+    def always_dies(k: int) -> int:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return k
+
+    expected = r"a Ray task failed 2 times \(WorkerCrashedError\): its worker process or node died each time"
+    with pytest.raises(UserError, match=expected) as raised:
+        list(RayExecutor(max_retries=1).map(always_dies, range(2)))
+    assert "\n" not in str(raised.value) and "backend.max_retries" in str(raised.value)
+
+
 def _config(backend: dict):
     return apply_overrides(load_preset("default"), SMALL + [(["backend"], backend)])
 

@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on this machine (`ray start --head --node-ip-address=127.0.0.1` and a second
-`ray start --address` node with a custom resource `node2`), started and stopped by the tests: tasks run on both nodes, and a
-reconstruction there equals the local one. An address where no cluster answers is one line and exit status 2.
+`ray start --address` node with a custom resource `node2`), started and stopped by the tests: tasks run on both
+nodes, and a reconstruction there equals the local one. An address where no cluster answers is one line and
+exit status 2.
 
 Only the processes these tests started are stopped (found by their temporary folder), never other Ray instances
 (`ray stop --force` would stop every Ray process of the user on the machine).
@@ -84,8 +85,8 @@ def _ray_start(args: list[str], auth: dict[str, str]) -> None:
     ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
              "--runtime-env-agent-port"]  # fmt: skip
     args += [f"{option}={_free_port()}" for option in ports]
-    done = subprocess.run(["ray", "start", *args, "--disable-usage-stats", "--num-cpus=1",
-                           "--object-store-memory=200000000"], env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    command = ["ray", "start", *args, "--disable-usage-stats", "--num-cpus=1", "--object-store-memory=200000000"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 

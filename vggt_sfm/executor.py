@@ -117,7 +117,9 @@ def make_executor(config: BackendConfig) -> Executor:
                 f"{param('backend.name', 'ray')} needs Ray, which is not installed (pip install -e \".[ray]\", "
                 "or pip install 'ray[default]')"
             ) from None
-    raise UserError(f"unknown backend {config.name!r} in {param('backend.name')} (choose one of: {', '.join(BACKENDS)})")
+    raise UserError(
+        f"unknown backend {config.name!r} in {param('backend.name')} (choose one of: {', '.join(BACKENDS)})"
+    )
 
 
 @contextlib.contextmanager
