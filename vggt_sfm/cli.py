@@ -51,6 +51,8 @@ RECONSTRUCT_OVERRIDES: dict[str, str] = {
     "window": "predict.window",
     "window_overlap": "predict.window_overlap",
     "prior": "prior",
+    "backend": "backend.name",
+    "ray_address": "backend.address",
 }
 
 
@@ -149,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--text", action="store_true", default=None, help="also write the text model")
     rec.add_argument("--no-report", dest="report", action="store_false", default=None, help="do not write OUTPUT/report.html")
     rec.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override any preset value")
+    rec.add_argument("--backend", choices=["local", "ray"], help="where features, matching and verification run: this machine, or Ray tasks (pip install -e \".[ray]\")")
+    rec.add_argument("--ray-address", help="Ray cluster to join, host:port or auto (default: a private Ray instance on this machine)")
     rec.add_argument("--gt", help="ground-truth COLMAP model of the same images: print the accuracy at the end (and keep it in summary.json)")
     _add_common(rec)
     rec.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary (no progress, no warnings)")

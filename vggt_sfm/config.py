@@ -1,9 +1,9 @@
 """The configuration of a whole run: one small dataclass per stage, and the named presets in `pipelines/`.
 
 A preset is a TOML file with one table per stage (`[features]`, `[pairs]`, `[matching]`, `[view_graph]`, `[tracks]`,
-`[mapping]`, `[refine]`, `[predict]`, `[output]`, and `[without_prior]` for `prior = "none"`, a top-level key);
-any key it leaves out keeps the stage's default. Unknown keys and wrong types are errors naming the key, so a
-typo never passes silently.
+`[mapping]`, `[refine]`, `[predict]`, `[output]`, `[backend]`, and `[without_prior]` for `prior = "none"`, a
+top-level key); any key it leaves out keeps the stage's default. Unknown keys and wrong types are errors naming
+the key, so a typo never passes silently.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .executor import BACKENDS, BackendConfig
 from .features import FeatureConfig
 from .mapping import MappingConfig
 from .matching import MatchingConfig
@@ -81,6 +82,7 @@ class PipelineConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     without_prior: WithoutPriorConfig = field(default_factory=WithoutPriorConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)  # where the jobs run: this machine or Ray
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,6 +174,8 @@ def validate_config(config: PipelineConfig, source: str = "config") -> None:
         raise UserError(f"{source}: predict.preprocess must be 'crop' or 'pad'")
     if config.prior not in ("vggt", "none"):
         raise UserError(f"{source}: prior must be 'vggt' or 'none', got {config.prior!r}")
+    if config.backend.name not in BACKENDS:
+        raise UserError(f"{source}: backend.name must be one of {', '.join(BACKENDS)}, got {config.backend.name!r}")
     if config.predict.window == 1 or config.predict.window < 0:
         raise UserError(f"{source}: predict.window must be 0 (one pass) or at least 2 frames")
 

@@ -23,7 +23,7 @@ from .cache import ItemCache
 from .errors import UserError
 from .images import read_image
 from . import log
-from .parallel import default_workers, fork_map
+from .executor import Executor, LocalExecutor, default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -225,18 +225,36 @@ def extract_image(image: np.ndarray, config: FeatureConfig, extractor=None) -> F
     )
 
 
+class _ImageExtraction:
+    """`extract_image` of one image by name. Picklable for a remote executor: the extractor (a pycolmap or torch
+    object) stays behind and is made again, once per task, where it is unpickled."""
+
+    def __init__(self, images_dir: Path, config: FeatureConfig, extractor) -> None:
+        self.images_dir, self.config, self.extractor = images_dir, config, extractor
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "extractor": None}
+
+    def __call__(self, name: str) -> Features:
+        if self.extractor is None:
+            self.extractor = _make_extractor(self.config)
+        return extract_image(read_image(self.images_dir / name), self.config, self.extractor)
+
+
 def extract_features(
     images_dir: Path | str,
     image_names: list[str],
     config: FeatureConfig,
     progress: bool = True,
     store: ItemCache | None = None,
+    executor: Executor | None = None,
 ) -> list[Features]:
     """Detect and describe keypoints in every image, in the order of `image_names`.
 
     Images are read with `images.read_image` (EXIF orientation applied), so keypoints refer to the same pixels
     as every other stage. With `store`, each image's features are kept as soon as they are made and the images
-    already there are not extracted again: an interrupted extraction resumes where it stopped.
+    already there are not extracted again: an interrupted extraction resumes where it stopped. `executor`: where
+    the images are extracted (default: this machine, `LocalExecutor`).
     """
     images_dir = Path(images_dir)
     extractor = _make_extractor(config)  # checks the configuration before any work
@@ -252,7 +270,8 @@ def extract_features(
     # COLMAP's SIFT holds the GIL, so threads would run one at a time: one process per core instead, as COLMAP
     # runs one image per core. The learned extractors run in torch, which already spreads one image over the cores.
     workers = default_workers(config.num_workers) if config.extractor == "sift" else 1
-    results = fork_map(lambda name: extract_image(read_image(images_dir / name), config, extractor), todo, workers)
+    executor = executor or LocalExecutor()
+    results = executor.map(_ImageExtraction(images_dir, config, extractor), todo, workers, gpu=config.device != "cpu")
     for name, result in zip(todo, log.progress(results, desc="features", total=len(todo), enabled=progress)):
         if store is not None:
             store.put(name, result)

@@ -30,7 +30,7 @@ from scipy.spatial.transform import Rotation
 
 from . import log
 from .errors import UserError
-from .parallel import default_workers, fork_map
+from .executor import Executor, LocalExecutor, default_workers
 from .prior import PriorCameras
 
 logger = logging.getLogger(__name__)
@@ -317,11 +317,13 @@ def match_pairs(
     config: MatchingConfig,
     progress: bool = True,
     prior: PriorCameras | None = None,
+    executor: Executor | None = None,
 ) -> PairMatches:
     """Raw matches of every pair (frame indices into `features`), in the order of `pairs`.
 
     The "guided" matcher needs `prior` (the predicted cameras); "auto" uses it when given (see
-    `resolve_matcher`); the other matchers ignore it.
+    `resolve_matcher`); the other matchers ignore it. `executor`: where the pairs are matched (default: in this
+    process, where torch spreads each pair over the cores).
     """
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     extractor = getattr(features[0], "extractor", "") if features else ""
@@ -347,8 +349,9 @@ def match_pairs(
             )  # fmt: skip
 
     matches, scores = [], []
-    for i, j in log.progress(pairs, desc="matching", total=len(pairs), enabled=progress):
-        m, s = match(int(i), int(j))
+    executor = executor or LocalExecutor()
+    results = executor.map(lambda pair: match(int(pair[0]), int(pair[1])), pairs, workers=1, batch_size=4)
+    for m, s in log.progress(results, desc="matching", total=len(pairs), enabled=progress):
         matches.append(m)
         scores.append(s)
     logger.info(
@@ -626,12 +629,18 @@ def _default_camera(features, index: int) -> pycolmap.Camera:
 
 
 def verify_matches(
-    features: list, raw: PairMatches, prior: PriorCameras | None, config: MatchingConfig, progress: bool = True
+    features: list,
+    raw: PairMatches,
+    prior: PriorCameras | None,
+    config: MatchingConfig,
+    progress: bool = True,
+    executor: Executor | None = None,
 ) -> VerifiedMatches:
     """Keep the geometrically consistent matches of every pair; drop pairs with fewer than `min_inliers`.
 
     `verification="prior"` uses the prior cameras (corrected per pair, with the RANSAC fallback), `"ransac"`
-    COLMAP's RANSAC alone (with the prior's intrinsics when given), `"none"` keeps all raw matches.
+    COLMAP's RANSAC alone (with the prior's intrinsics when given), `"none"` keeps all raw matches. `executor`:
+    where the pairs are verified (default: this machine's cores, `LocalExecutor`).
     """
     _check_verification(config)
     if config.verification == "prior" and prior is None:
@@ -664,7 +673,8 @@ def verify_matches(
 
     # Per-pair numpy and pycolmap calls hold the GIL: pairs go to forked workers, a few at a time.
     workers = default_workers(config.num_workers) if config.verification != "none" else 1
-    results = fork_map(verify_pair, range(len(raw.pairs)), workers, chunksize=4)
+    executor = executor or LocalExecutor()
+    results = executor.map(verify_pair, range(len(raw.pairs)), workers, batch_size=4)
     kept_pairs, kept_matches, methods, num_raw, tolerances = [], [], [], [], []
     progress_bar = log.progress(results, desc="verification", total=len(raw.pairs), enabled=progress)
     for (i, j), matches, (inliers, method, tolerance) in zip(raw.pairs, raw.matches, progress_bar):

@@ -30,6 +30,7 @@ from . import view_graph as view_graph_stage
 from .cache import StageCache, file_fingerprint, stage_key
 from .config import PipelineConfig, load_preset
 from .errors import UserError, param
+from .executor import Executor, open_executor
 from .images import ImageInfo, list_images, scan_images
 from .log import clear_stage, quiet_pycolmap, show_stage
 from .output_folder import commit_output, reserved_output
@@ -171,7 +172,7 @@ class _Timer:
 
 def cached_features(
     images_dir: Path, names: list[str], fingerprint: list, config: PipelineConfig, cache: StageCache, timer: _Timer,
-    progress: bool,
+    progress: bool, executor: Executor | None = None,
 ) -> tuple[list, str]:
     """The features of every image (cached per image, so an interrupted extraction resumes) and their cache key."""
     key = stage_key("features", fingerprint, config.features)
@@ -180,7 +181,7 @@ def cached_features(
         cache,
         key,
         lambda: features_stage.extract_features(
-            images_dir, names, config.features, progress=progress, store=cache.items(key)
+            images_dir, names, config.features, progress=progress, store=cache.items(key), executor=executor
         ),
     )
     return features, key
@@ -303,9 +304,10 @@ def run(
     config = replace(config, prior=prior) if prior is not None else config
     prior_free.check_request(config, predictions, weights, download)
     output_path = Path(output) if output is not None else None
-    with reserved_output(output_path, overwrite) as work:
+    # Connected before the output is reserved: a cluster that does not answer leaves nothing behind.
+    with open_executor(config.backend) as executor, reserved_output(output_path, overwrite) as work:
         return _run_stages(images_dir, predictions, output_path, work, config, weights, download, progress, gt,
-                           command)  # fmt: skip
+                           command, executor)  # fmt: skip
 
 
 def _run_stages(
@@ -319,6 +321,7 @@ def _run_stages(
     progress: bool,
     gt: PriorCameras | None,
     command: str | None,
+    executor: Executor | None = None,
 ) -> ReconstructionResult:
     images_dir = Path(images_dir)
     timer = _Timer(show=progress)
@@ -353,7 +356,7 @@ def _run_stages(
         prior = prior_from_predictions(predictions_used, image_sizes)
 
         reconstruction, summary, stages = _reconstruct_from_prior(
-            images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress
+            images_dir, names, fingerprint, prior, predictions_used, config, cache, timer, progress, executor
         )
     summary.skipped_images = skipped
     summary.config, summary.command = config.as_dict(), command
@@ -397,11 +400,14 @@ def _reconstruct_from_prior(
     cache: StageCache,
     timer: _Timer,
     progress: bool,
+    executor: Executor | None = None,
 ) -> tuple[pycolmap.Reconstruction, ReconstructionSummary, StageResults]:
     def cached(stage: str, key: str, compute):
         return timer.run_cached(stage, cache, key, compute)
 
-    features, features_key = cached_features(images_dir, names, fingerprint, config, cache, timer, progress)
+    features, features_key = cached_features(
+        images_dir, names, fingerprint, config, cache, timer, progress, executor
+    )
     with timer.stage("pairs"):
         pairs = pairs_stage.select_pairs(prior, config.pairs)
     # Guided matching searches along the prior's epipolar lines (and its LightGlue fallback picks pairs by the
@@ -412,7 +418,9 @@ def _reconstruct_from_prior(
     raw = cached(
         "matching",
         matches_key,
-        lambda: matching_stage.match_pairs(features, pairs, config.matching, progress=progress, prior=prior),
+        lambda: matching_stage.match_pairs(
+            features, pairs, config.matching, progress=progress, prior=prior, executor=executor
+        ),
     )
     predicted = prior
     for attempt in range(2):
@@ -420,7 +428,9 @@ def _reconstruct_from_prior(
             "verification", matches_key, config.matching, prior.cam_from_world.tolist(), prior.intrinsics.tolist()
         )
         verified = cached(
-            "verification", verify_key, lambda: matching_stage.verify_matches(features, raw, prior, config.matching)
+            "verification",
+            verify_key,
+            lambda: matching_stage.verify_matches(features, raw, prior, config.matching, executor=executor),
         )
         checked = cached(
             "view graph",

@@ -28,7 +28,7 @@ import pycolmap
 
 from . import log
 from .matching import MatchingConfig, PairMatches, VerifiedMatches, match_pairs, pinhole_camera, verify_matches
-from .parallel import default_workers, fork_map
+from .executor import default_workers, fork_map
 from .prior import PriorCameras
 
 logger = logging.getLogger(__name__)
