@@ -19,7 +19,7 @@ import pycolmap
 
 from .errors import UserError
 from .observations import observation_table
-from .prior import PriorCameras
+from .prior import PriorCameras, rotation_angles_deg
 from .tracks import Tracks
 
 if TYPE_CHECKING:
@@ -413,8 +413,7 @@ def _relocalize(
             # Its rotation is confirmed by its pairs (the view graph; for a repaired frame, derived from them): a
             # PnP pose turned far from it fits wrong points (weak texture, failed neighbours). A repaired frame
             # that PnP cannot confirm is then not refined (named), rather than trusted on its neighbours alone.
-            turn = np.degrees(np.arccos(np.clip((np.trace(pose[:, :3] @ poses[i, :, :3].T) - 1) / 2, -1.0, 1.0)))
-            if turn > config.confirmed_max_rotation_deg:
+            if rotation_angles_deg(pose[None, :, :3], poses[i : i + 1, :, :3])[0] > config.confirmed_max_rotation_deg:
                 pose = None
         prior_median = new_median = np.inf
         if mask.any():
@@ -483,12 +482,9 @@ def _leave_one_out_errors(
 
 def _far_from_prior(prior: PriorCameras, poses: np.ndarray, frames: list[int], config: MappingConfig) -> set[int]:
     """The frames whose rotation is far from the prediction's."""
-    far = set()
-    for i in frames:
-        cosine = (np.trace(poses[i, :, :3] @ prior.cam_from_world[i, :, :3].T) - 1) / 2
-        if np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))) > config.failed_prior_angle_deg:
-            far.add(i)
-    return far
+    frames = list(frames)
+    angles = rotation_angles_deg(poses[frames, :, :3], prior.cam_from_world[frames, :, :3])
+    return {i for i, angle in zip(frames, angles) if angle > config.failed_prior_angle_deg}
 
 
 def _epipolar_errors(

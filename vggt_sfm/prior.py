@@ -44,6 +44,12 @@ class PriorCameras:
         return self.intrinsics @ self.cam_from_world
 
 
+def rotation_angles_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
+    """(N,) angles in degrees between rotation matrices (N,3,3) R_a and R_b (from the trace of R_a R_b^T)."""
+    cosine = (np.einsum("sij,sij->s", R_a, R_b) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+
+
 def prior_from_predictions(predictions: Predictions, image_sizes: np.ndarray) -> PriorCameras:
     """Prior cameras from predictions; `image_sizes` (S,2) are the original (width, height) in frame order."""
     return PriorCameras(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pycolmap
 
-from .prior import PriorCameras
+from .prior import PriorCameras, rotation_angles_deg
 
 EXIT_FAILED = 3  # the command line's exit status for a run that completed but failed these checks
 STATUS_OK = "ok"
@@ -54,11 +54,9 @@ def prior_disagreement_deg(
     first, second = np.triu_indices(len(frames), k=1)
     step = max(1, len(first) // max_pairs)
     first, second = first[::step], second[::step]
-    # angle(R_j R_i^T (model), R_j R_i^T (prior)) from the trace of their product
-    model_rel = np.einsum("pij,pkj->pik", R_model[second], R_model[first])
+    model_rel = np.einsum("pij,pkj->pik", R_model[second], R_model[first])  # R_j R_i^T
     prior_rel = np.einsum("pij,pkj->pik", R_prior[second], R_prior[first])
-    cosine = (np.einsum("pij,pij->p", model_rel, prior_rel) - 1.0) / 2.0
-    return float(np.degrees(np.median(np.arccos(np.clip(cosine, -1.0, 1.0)))))
+    return float(np.median(rotation_angles_deg(model_rel, prior_rel)))
 
 
 def check_run(

@@ -7,15 +7,16 @@ verification and tracks:
 1. **searches again** for the frames the verification left weakly connected: they are matched against every
    other image (a frame turned around has lost its true neighbours) and verified by RANSAC alone, since their
    prior is what is in doubt;
-2. **averages the rotations** of the verified pairs' relative poses (COLMAP's robust rotation averaging,
-   `pycolmap.run_rotation_averaging`) and brings the result onto the prior by the rotation that fits most frames;
-3. names a frame's prediction **failed** when its averaged rotation is far from it: the frame gets the averaged
-   rotation and a centre triangulated from its neighbours' epipoles (the directions in which they see it), and
-   the mapping re-localises it from there;
-4. drops verified pairs whose relative rotation contradicts the averaged rotations (symmetric or repeated
+2. compares each frame's predicted rotation with its pairs' measured relative rotations (essential matrices of
+   the verified matches): a frame most of its pairs contradict is **failed**, and gets the rotation its trusted
+   neighbours agree on and a centre triangulated from their epipoles (the directions in which they see it); the
+   mapping re-localises it from there (`repair_rotations`: local, not a global rotation average, which a shared
+   focal bias or a drift bends);
+3. drops searched pairs whose relative rotation contradicts the repaired rotations (symmetric or repeated
    structure that RANSAC alone accepted).
 
-Frames the view graph does not reach keep their prediction and are reported (`ViewGraphReport.unconnected`).
+Frames contradicted by their pairs that cannot be repaired keep their prediction, are reported
+(`ViewGraphReport.unconnected`) and are re-localised first, or else not refined.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pycolmap
 from . import log
 from .matching import MatchingConfig, PairMatches, VerifiedMatches, match_pairs, pinhole_camera, verify_matches
 from .executor import default_workers, fork_map
-from .prior import PriorCameras
+from .prior import PriorCameras, rotation_angles_deg
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,6 @@ class CheckedPrior:
     unconfirmed: list[int]  # frames contradicted by their matches that could not be repaired
     report: ViewGraphReport
     confirmed: list[int] = field(default_factory=list)  # frames whose (repaired) rotation two or more pairs confirm
-
-
-def _rotation_angles_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
-    cosine = (np.einsum("sij,sij->s", R_a, R_b) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
 
 
 def _frame_strength(verified: VerifiedMatches, num_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +163,7 @@ def repair_rotations(
 
     def evidence(frame: int) -> float:
         values = [
-            _rotation_angles_deg(measured[k][None], (R[pairs[k, 1]] @ R[pairs[k, 0]].T)[None])[0]
+            rotation_angles_deg(measured[k][None], (R[pairs[k, 1]] @ R[pairs[k, 0]].T)[None])[0]
             for k in incident[frame]
         ]
         return float(np.median(values)) if values else 0.0
@@ -187,7 +183,7 @@ def repair_rotations(
         implied, weights = np.array(implied), np.array(weights)
         estimate = _chordal_mean(implied, weights)
         for _ in range(2):  # the neighbours that agree decide (a wrong pair among them does not)
-            agree = _rotation_angles_deg(implied, np.repeat(estimate[None], len(implied), 0)) <= config.failed_rotation_deg
+            agree = rotation_angles_deg(implied, np.repeat(estimate[None], len(implied), 0)) <= config.failed_rotation_deg
             if agree.sum() < 2:
                 return None, 0.0
             estimate = _chordal_mean(implied[agree], weights[agree])
@@ -206,7 +202,7 @@ def repair_rotations(
                 best, best_support, best_rotation = int(i), support, estimate
         if best < 0:
             break
-        if _rotation_angles_deg(best_rotation[None], R[best][None])[0] > config.failed_rotation_deg:
+        if rotation_angles_deg(best_rotation[None], R[best][None])[0] > config.failed_rotation_deg:
             R[best] = best_rotation
             repaired.append(best)
         trusted[best] = True
@@ -219,7 +215,7 @@ def _pair_rotation_errors(R: np.ndarray, pairs: np.ndarray, poses: list[pycolmap
     for k, ((i, j), pose) in enumerate(zip(pairs, poses)):
         if pose is not None:
             implied = R[j] @ R[i].T
-            errors[k] = _rotation_angles_deg(pose.rotation.matrix()[None], implied[None])[0]
+            errors[k] = rotation_angles_deg(pose.rotation.matrix()[None], implied[None])[0]
     return errors
 
 
@@ -268,7 +264,7 @@ def check_prior(
     config: ViewGraphConfig,
     progress: bool = True,
 ) -> CheckedPrior:
-    """Search again for the weakly verified frames, average the rotations, and repair the failed predictions."""
+    """Search again for the weakly verified frames, then find and repair the predictions their pairs contradict."""
     num = prior.num_images
     report = ViewGraphReport()
     if not config.enabled or num < 3:
@@ -302,15 +298,16 @@ def check_prior(
 
     repaired = prior
     if failed:
-        change = _rotation_angles_deg(rotations, predicted)
+        change = rotation_angles_deg(rotations, predicted)
         cam_from_world = prior.cam_from_world.copy()
         trusted = np.ones(num, dtype=bool)
         trusted[failed] = False
         trusted[unrepaired] = False
+        centers = prior.centers()
         for i in failed:
-            centre = centre_from_neighbours(i, rotations, prior.centers(), verified.pairs, poses, trusted)
+            centre = centre_from_neighbours(i, rotations, centers, verified.pairs, poses, trusted)
             if centre is None:
-                centre = prior.centers()[i]
+                centre = centers[i]
             cam_from_world[i, :, :3] = rotations[i]
             cam_from_world[i, :, 3] = -rotations[i] @ centre
         repaired = replace(prior, cam_from_world=cam_from_world)
