@@ -122,8 +122,8 @@ def test_broken_frames_are_recovered_or_named(temple_gt, modes):
     bound = max(RECOVERED_DEG, 3.0 * metrics.as_dict()["rotation_error_median_deg"])
     for name in report.failed_frames:
         assert errors[name] <= bound or name in named, (name, errors[name])
-    # No sound frame is sacrificed: the iid prior leaves 0001 and 0011 not refined (too few observations) too.
-    assert len(named - set(report.failed_frames)) <= 2
+    # No sound frame is sacrificed (0001 and 0011, with too few observations at first, are registered late).
+    assert not named - set(report.failed_frames)
     assert result.summary.status == "ok"
     # Measured on this seed: iid 1.23 deg; bad-frames 1.15, flipped 1.10, all 1.37 (the broken frames that PnP
     # cannot confirm near their repaired rotation are named, the others recovered).

@@ -116,6 +116,44 @@ def test_constant_images_keep_their_pose(scene):
     assert result.center_errors[lonely] < 2 * prior_result.center_errors[lonely] + 0.05 * result.scene_extent
 
 
+def test_a_frame_held_for_few_observations_is_registered_late(scene):
+    """A frame whose observations the initial model lost (here: its tracks left out) is held at its prior, then
+    placed by PnP on the refined model from its verified matches and refined with the rest."""
+    lonely = 5
+    partial = build_tracks(without_image(scene.verified, lonely), [len(f.keypoints) for f in scene.features])
+    prior = simulated_prior(scene)
+    rec, mapping = initialize_reconstruction(prior, scene.features, partial, None)
+    assert mapping.few_observations == mapping.not_refined == [prior.image_names[lonely]]
+    held = evaluate(rec, scene.gt)
+    involved = (held.pairs == lonely).any(axis=1)
+    report = refine_reconstruction(
+        rec, RefineConfig(), verified=scene.verified, constant_images=[lonely + 1], late_images=[lonely + 1]
+    )
+    assert report.registered_late == [prior.image_names[lonely]]
+    assert report.constant_images == []
+    result = evaluate(rec, scene.gt)
+    assert rec.images[lonely + 1].num_points3D > 100
+    # As accurate as the other frames (the prior's pairs with it: about 2-3 deg).
+    assert np.median(result.pair_rotation_errors[involved]) < 0.3
+    assert np.median(result.pair_rotation_errors[involved]) < np.median(held.pair_rotation_errors[involved]) / 5
+    assert np.median(result.pair_rotation_errors) < 0.2
+
+
+def test_a_late_pose_far_from_the_prior_is_refused(scene):
+    """The late PnP only confirms a held frame near its pose: one 20 degrees off stays held (and named)."""
+    lonely = 5
+    partial = build_tracks(without_image(scene.verified, lonely), [len(f.keypoints) for f in scene.features])
+    prior = simulated_prior(scene, outliers=[lonely])
+    rec, mapping = initialize_reconstruction(prior, scene.features, partial, None)
+    assert mapping.few_observations == [prior.image_names[lonely]]
+    report = refine_reconstruction(
+        rec, RefineConfig(), verified=scene.verified, constant_images=[lonely + 1], late_images=[lonely + 1]
+    )
+    assert report.registered_late == []
+    assert report.constant_images == [prior.image_names[lonely]]
+    assert np.allclose(rec.images[lonely + 1].cam_from_world().matrix(), prior.cam_from_world[lonely], atol=1e-9)
+
+
 def test_retriangulation_restores_points_from_the_matches(scene, tracks):
     prior = simulated_prior(scene)
     # Start from a third of the tracks: the verified matches hold the rest.

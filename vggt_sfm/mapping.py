@@ -65,6 +65,9 @@ class MappingReport:
     relocalized: list[str] = field(default_factory=list)  # predictions that had failed, re-localised by PnP
     improved: list[str] = field(default_factory=list)  # noisy predictions replaced by a nearby PnP pose
     not_refined: list[str] = field(default_factory=list)  # poses kept from the prior (too few observations)
+    # Of those, the frames held only for too few observations (not for contradicting their matches): refinement
+    # may register them late, by PnP on the refined model.
+    few_observations: list[str] = field(default_factory=list)
     num_points: int = 0
     num_observations: int = 0
     mean_reprojection_error: float = float("nan")
@@ -140,9 +143,11 @@ def initialize_reconstruction(
     per_image = np.bincount(obs.image, minlength=num_images)
     weak = set(np.flatnonzero(per_image < config.min_observations).tolist())
     for i in sorted(weak - not_refined):
-        logger.warning(
-            "%s: only %d triangulated observations; keeping its predicted pose", prior.image_names[i], per_image[i]
+        logger.info(
+            "%s: only %d triangulated observations; held at its predicted pose until the rest is refined",
+            prior.image_names[i], per_image[i],
         )
+    report.few_observations = [prior.image_names[i] for i in sorted(weak - not_refined)]
     not_refined |= weak
     report.not_refined = [prior.image_names[i] for i in sorted(not_refined)]
 
@@ -529,13 +534,23 @@ def _pnp(
     xy: np.ndarray, points: np.ndarray, camera: pycolmap.Camera, diagonal: float, config: MappingConfig
 ) -> np.ndarray | None:
     """cam_from_world (3,4) of one frame from 2D-3D matches by RANSAC PnP and refinement, or None."""
-    if len(xy) < max(config.min_observations, 6):
+    return estimate_pose(xy, points, camera, config.pnp_max_error * diagonal, config.min_observations)
+
+
+def estimate_pose(
+    xy: np.ndarray, points: np.ndarray, camera: pycolmap.Camera, max_error_px: float, min_inliers: int
+) -> np.ndarray | None:
+    """cam_from_world (3,4) from 2D-3D matches (N,2)/(N,3) by RANSAC PnP (threshold in pixels) and refinement;
+    None with fewer than `min_inliers` inliers."""
+    if len(xy) < max(min_inliers, 6):
         return None
     options = pycolmap.AbsolutePoseEstimationOptions()
-    options.ransac.max_error = config.pnp_max_error * diagonal
+    options.ransac.max_error = max_error_px
     options.ransac.random_seed = 0
-    result = pycolmap.estimate_and_refine_absolute_pose(xy, points, camera, options)
-    if result is None or result["num_inliers"] < config.min_observations:
+    result = pycolmap.estimate_and_refine_absolute_pose(
+        np.asarray(xy, dtype=np.float64), np.asarray(points, dtype=np.float64), camera, options
+    )
+    if result is None or result["num_inliers"] < min_inliers:
         return None
     return result["cam_from_world"].matrix()
 

@@ -458,8 +458,13 @@ def _reconstruct_from_prior(
                     features=features,
                     verified=checked.verified,
                     constant_images=_image_ids(names, mapping_report.not_refined),
+                    late_images=_image_ids(names, mapping_report.few_observations),
                     progress=progress,
                 )
+                # Registered late: refined after all, no longer held at the prediction.
+                mapping_report.not_refined = [
+                    name for name in mapping_report.not_refined if name not in refine_report.registered_late
+                ]
                 if config.mapping.extract_colors:
                     mapping_stage.color_points(reconstruction, features)  # points made by re-triangulation
         factor = _focal_factor(reconstruction, prior, mapping_report.not_refined)

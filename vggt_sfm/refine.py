@@ -26,6 +26,8 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .log import progress as log_progress
+from .mapping import estimate_pose
+from .prior import rotation_angles_deg
 from .log import quiet_pycolmap
 from .observations import ObservationTable, observation_table
 
@@ -93,6 +95,16 @@ class RefineConfig:
     # once more with the prediction's focal lengths scaled to the refined one (a shared focal bias: fountain
     # 0.107 -> 0.053 deg, iid 0.037; benchmarks/README.md, failure modes).
     focal_repass: float = 0.05
+    # Frames held for too few observations in the initial model (mapping's `few_observations`: a prior pose ~2
+    # degrees off rejects most of a frame's observations when its partners are few or its views narrow) are
+    # registered by PnP on the refined model, then refined with the rest (lego100: 4 of 100 frames held at their
+    # predicted pose otherwise). The PnP pose must keep `late_min_inliers` of the frame's matches to the model's
+    # points within `late_max_error_px`, and stay within `late_max_rotation_deg` of its prior rotation (a frame
+    # farther off than that is for the mapping's re-localisation to judge, not for a late PnP on few points).
+    register_late: bool = True
+    late_min_inliers: int = 30
+    late_max_error_px: float = 4.0
+    late_max_rotation_deg: float = 10.0
 
 
 @dataclass
@@ -120,6 +132,7 @@ class RefineReport:
     refined_intrinsics: list[str] = field(default_factory=list)  # "focal", "principal_point", "extra"
     diverged: bool = False  # a round was undone and refinement stopped early (see RefineConfig)
     history: list[RoundReport] = field(default_factory=list)
+    registered_late: list[str] = field(default_factory=list)  # held frames registered by PnP on the refined model
     time_s: float = 0.0
 
 
@@ -131,6 +144,7 @@ def refine_reconstruction(
     tracks: Tracks | None = None,
     features: list[Features] | None = None,
     constant_images: Collection[int] = (),
+    late_images: Collection[int] = (),
     progress: bool = False,
 ) -> RefineReport:
     """Bundle-adjust `reconstruction` in place, in rounds, and report each round (a bar of rounds on a terminal
@@ -139,7 +153,9 @@ def refine_reconstruction(
     Correspondences for re-triangulation come from `verified` (image index i = image_id - 1), or else from the
     `tracks` (every two observations of a track); without either, rounds only adjust and filter.
     `features`, when given, are checked against the images' keypoints. `constant_images` are image ids whose
-    poses stay as they are (e.g. the mapping report's `not_refined`).
+    poses stay as they are (e.g. the mapping report's `not_refined`); those also in `late_images` (e.g. the
+    mapping report's `few_observations`) join the refinement when PnP on the refined model places them near
+    their pose (`RefineConfig.register_late`), and are then refined with the rest.
     """
     start = time.perf_counter()
     config = config or RefineConfig()
@@ -243,7 +259,78 @@ def refine_reconstruction(
 
     if constant:
         _align_to_reference(rec, initial_poses, constant)
+    candidates = sorted(constant & {int(i) for i in late_images}) if config.register_late else []
+    joined = _register_late(rec, _pair_matches(verified, tracks), candidates, config) if candidates else []
+    if joined:
+        logger.info("registered late, by PnP on the refined model: %s", ", ".join(rec.images[i].name for i in joined))
+        # Once more with them free: their matches re-triangulate and the whole model adjusts to them.
+        again = refine_reconstruction(
+            rec, config, verified=verified, tracks=tracks, constant_images=constant - set(joined), progress=progress
+        )
+        again.history = report.history + again.history
+        again.rounds = len(again.history)
+        again.registered_late = [rec.images[i].name for i in joined]
+        again.time_s = time.perf_counter() - start
+        return again
     return _finish(report, rec, constant, start)
+
+
+def _pair_matches(
+    verified: VerifiedMatches | None, tracks: Tracks | None
+) -> list[tuple[int, int, np.ndarray]]:
+    """(i, j, (K,2) keypoint index matches) per image pair, image index i = image_id - 1: the verified matches,
+    or else every two observations of a track; empty without either."""
+    if verified is not None:
+        return [
+            (int(i), int(j), np.asarray(m, dtype=np.int64).reshape(-1, 2))
+            for (i, j), m in zip(verified.pairs, verified.matches)
+        ]
+    if tracks is not None and tracks.num_observations:
+        return [(i, j, matches.astype(np.int64)) for (i, j), matches in tracks.image_pair_matches().items()]
+    return []
+
+
+def _register_late(
+    rec: pycolmap.Reconstruction,
+    pairs: list[tuple[int, int, np.ndarray]],
+    candidates: list[int],
+    config: RefineConfig,
+) -> list[int]:
+    """Image ids of `candidates` (held images) that PnP on the model's points places near their current pose;
+    their poses are set to the PnP pose."""
+    joined = []
+    for image_id in candidates:
+        image = rec.images[image_id]
+        xy, xyz = [], []
+        for i, j, matches in pairs:
+            if image_id not in (i + 1, j + 1) or len(matches) == 0:
+                continue
+            own, other_id = (matches[:, 0], j + 1) if i + 1 == image_id else (matches[:, 1], i + 1)
+            other = matches[:, 1] if i + 1 == image_id else matches[:, 0]
+            if other_id in candidates or not rec.exists_image(other_id):
+                continue
+            partner = rec.images[other_id]
+            for k_own, k_other in zip(own, other):
+                point2D = partner.points2D[int(k_other)]
+                if point2D.has_point3D():
+                    xy.append(image.points2D[int(k_own)].xy)
+                    xyz.append(rec.points3D[point2D.point3D_id].xyz)
+        if len(xy) < config.late_min_inliers:
+            continue
+        # Several partners may see the same keypoint's point: one 2D-3D match per keypoint and point suffices.
+        xy_xyz = np.unique(np.hstack([np.array(xy), np.array(xyz)]), axis=0)
+        pose = estimate_pose(
+            xy_xyz[:, :2], xy_xyz[:, 2:], rec.cameras[image.camera_id], config.late_max_error_px,
+            config.late_min_inliers,
+        )  # fmt: skip
+        if pose is None:
+            continue
+        current = image.cam_from_world().matrix()
+        if rotation_angles_deg(pose[None, :, :3], current[None, :, :3])[0] > config.late_max_rotation_deg:
+            continue
+        rec.frames[image.frame_id].set_cam_from_world(image.camera_id, pycolmap.Rigid3d(pose))
+        joined.append(image_id)
+    return joined
 
 
 def _finish(report: RefineReport, rec: pycolmap.Reconstruction, constant: set[int], start: float) -> RefineReport:
@@ -281,14 +368,8 @@ def _correspondence_graph(
 ) -> pycolmap.CorrespondenceGraph | None:
     """Matches between images as COLMAP's correspondence graph; constant images get none (their poses may be
     wrong, so new observations in them would only add error)."""
-    if verified is not None:
-        pairs = [
-            (int(i), int(j), np.asarray(m, dtype=np.uint32).reshape(-1, 2))
-            for (i, j), m in zip(verified.pairs, verified.matches)
-        ]
-    elif tracks is not None and tracks.num_observations:
-        pairs = [(i, j, matches.astype(np.uint32)) for (i, j), matches in tracks.image_pair_matches().items()]
-    else:
+    pairs = _pair_matches(verified, tracks)
+    if not pairs:
         return None
     graph = pycolmap.CorrespondenceGraph()
     for image_id, image in rec.images.items():
@@ -301,7 +382,7 @@ def _correspondence_graph(
             continue
         geometry = pycolmap.TwoViewGeometry()
         geometry.config = int(pycolmap.TwoViewGeometryConfiguration.CALIBRATED)
-        geometry.inlier_matches = matches
+        geometry.inlier_matches = matches.astype(np.uint32)
         graph.add_two_view_geometry(id1, id2, geometry)
     graph.finalize()
     return graph
