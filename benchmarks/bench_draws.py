@@ -6,12 +6,17 @@ between draws. This runs the default preset and each variant (`--variant stage.k
 average: images registered, AUC@1/@5 and the median pairwise rotation error against the ground truth.
 
     python benchmarks/bench_draws.py --sets lego templeSR --seeds 0 1 2 3 4 --variant refine.max_reproj_error_px=4.0
+
+`--leave-one-out` adds the check that a setting generalises: for each set held out, the variant the other sets
+choose (best mean rank of the mean rotation error over them) and how it does on the held-out set, against the
+default and against the variant that set alone would choose.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 from pathlib import Path
 
@@ -63,15 +68,57 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mean(rows: list[dict], set_name: str, variant: str, key: str) -> float:
+    values = [r[key] for r in rows if (r["set"], r["variant"]) == (set_name, variant)]
+    return sum(values) / len(values)
+
+
+def leave_one_out(rows: list[dict]) -> str:
+    """Per held-out set: the variant the other sets choose, and its result there."""
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    rank = {}  # (set, variant) -> rank of its mean rotation error among the variants on that set (0 = best)
+    for set_name in sets:
+        ordered = sorted(variants, key=lambda v: _mean(rows, set_name, v, "rotation_error_median_deg"))
+        rank.update({(set_name, v): ordered.index(v) for v in variants})
+    lines = ["| held out | chosen by the others | its mean rot. med. (°) | default's | best there (variant) | "
+             "its mean AUC@1 | default's |", "|" + "---|" * 7]
+    for held in sets:
+        others = [s for s in sets if s != held]
+        chosen = min(variants, key=lambda v: (sum(rank[(s, v)] for s in others), v != "default"))
+        best = min(variants, key=lambda v: _mean(rows, held, v, "rotation_error_median_deg"))
+        rot = {v: _mean(rows, held, v, "rotation_error_median_deg") for v in (chosen, "default", best)}
+        auc = {v: 100 * _mean(rows, held, v, "auc@1") for v in (chosen, "default")}
+        lines.append(
+            f"| {held} | {chosen} | {rot[chosen]:.3f} | {rot['default']:.3f} | {rot[best]:.3f} ({best}) | "
+            f"{auc[chosen]:.1f} | {auc['default']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--variant", action="append", default=[], help="stage.key=value[,stage.key=value]")
     parser.add_argument("--readme", action="store_true", help="write the table into benchmarks/README.md")
+    parser.add_argument("--leave-one-out", action="store_true", help="add the leave-one-out check of the variants")
+    parser.add_argument("--json", type=Path, help="also save the rows here")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="tabulate rows saved by earlier --json runs")
+    parser.add_argument("--note", default="", help="findings to add under the tables")
     args = parser.parse_args()
-    rows = [row for set_name in args.sets for row in run(set_name, args.seeds, args.variant)]
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.loads(path.read_text())]
+    else:
+        rows = [row for set_name in args.sets for row in run(set_name, args.seeds, args.variant)]
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     text = table(rows)
+    if args.leave_one_out:
+        text += "\n\nLeave one out (each set held out in turn; the variant chosen on the other sets):\n\n"
+        text += leave_one_out(rows)
+    if args.note:
+        text += "\n\n" + args.note
     print(text)
     if args.readme:
         command = " ".join(["python benchmarks/bench_draws.py --sets", *args.sets, "--seeds", *map(str, args.seeds)]

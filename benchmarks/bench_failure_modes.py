@@ -66,6 +66,7 @@ def run_one(set_name: str, seed: int, mode: str, overrides: list[str]) -> dict:
         "broken": broken, "broken_errors_deg": {n: per_image.get(n, {}).get("rotation_error_deg") for n in broken},
         "named": sorted(named), "silently_wrong": silent, "focal_factor": report.focal_factor,
         "status": getattr(result.summary, "status", ""),
+        "prior_disagreement_deg": result.summary.details.get("prior_disagreement_deg"),
     }
     print(f"[{set_name} seed {seed} {mode}] reg {row['num_registered']}/{row['num_images']} AUC@1 "
           f"{100 * row['auc@1']:.1f} rot {row['rotation_error_median_deg']:.3f} (prior AUC@1 "

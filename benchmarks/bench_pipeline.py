@@ -42,6 +42,7 @@ SETS = {
     "herz_jesus": "strecha_herz_jesus_p8",
     "llff_fern": "llff_fern",
     "lego": "nerf_synthetic_lego",
+    "lego100": "nerf_synthetic_lego100",  # all 100 views of the same scene: dense views, the scaling set
 }
 METHODS = ("colmap", "prior", "ours", "ours_outlier", "ours_noprior")
 DEFAULT_METHODS = METHODS[:4]  # ours_noprior has its own table (bench_prior_none.py)

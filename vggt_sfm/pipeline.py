@@ -458,7 +458,7 @@ def _reconstruct_from_prior(
                     features=features,
                     verified=checked.verified,
                     constant_images=_image_ids(names, mapping_report.not_refined),
-                    late_images=_image_ids(names, mapping_report.few_observations),
+                    late_images=_image_ids(names, mapping_report.not_refined),
                     progress=progress,
                 )
                 # Registered late: refined after all, no longer held at the prediction.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -72,6 +72,9 @@ class RefineConfig:
     # rotation error over five prior draws 1.69 -> 0.89 deg, worst 3.26 -> 1.18; fern and templeSR better on
     # every draw; benchmarks/README.md).
     max_reproj_error_px: float = 2.0
+    # > 0: the filter is instead this many times the keypoint noise measured after the first round (sigma from
+    # the median point error, as for a 2D Gaussian; the image's own noise decides, not a number of pixels).
+    filter_sigmas: float = 0.0
     min_tri_angle_deg: float = 1.5
     retriangulate: bool = True  # create, complete and merge tracks from the verified matches
     max_change: float = 0.002  # stop when a round filters or adds fewer observations than this fraction
@@ -95,12 +98,13 @@ class RefineConfig:
     # once more with the prediction's focal lengths scaled to the refined one (a shared focal bias: fountain
     # 0.107 -> 0.053 deg, iid 0.037; benchmarks/README.md, failure modes).
     focal_repass: float = 0.05
-    # Frames held for too few observations in the initial model (mapping's `few_observations`: a prior pose ~2
-    # degrees off rejects most of a frame's observations when its partners are few or its views narrow) are
-    # registered by PnP on the refined model, then refined with the rest (lego100: 4 of 100 frames held at their
-    # predicted pose otherwise). The PnP pose must keep `late_min_inliers` of the frame's matches to the model's
-    # points within `late_max_error_px`, and stay within `late_max_rotation_deg` of its prior rotation (a frame
-    # farther off than that is for the mapping's re-localisation to judge, not for a late PnP on few points).
+    # Frames held out of the initial model (mapping's `not_refined`: too few observations survive a prior pose ~2
+    # degrees off when a frame's partners are few or its views narrow; or a frame repaired by the view graph that
+    # PnP on the first, unrefined points could not confirm) are registered by PnP on the refined model, then refined
+    # with the rest (lego100 seed 0: 4 of 100 frames, AUC@1 90.1 -> 97.8; lego all failure modes, seeds 0-2: median
+    # rotation 1.69 -> 1.25 deg). The PnP pose must keep `late_min_inliers` of the frame's matches to the model's
+    # points within `late_max_error_px` and stay within `late_max_rotation_deg` of its current rotation (the
+    # prediction, or the view graph's repair): two independent pieces of evidence must agree, else it stays held.
     register_late: bool = True
     late_min_inliers: int = 30
     late_max_error_px: float = 4.0
@@ -133,6 +137,7 @@ class RefineReport:
     diverged: bool = False  # a round was undone and refinement stopped early (see RefineConfig)
     history: list[RoundReport] = field(default_factory=list)
     registered_late: list[str] = field(default_factory=list)  # held frames registered by PnP on the refined model
+    max_reproj_error_px: float = float("nan")  # the filter used (RefineConfig: fixed or from the measured noise)
     time_s: float = 0.0
 
 
@@ -153,8 +158,8 @@ def refine_reconstruction(
     Correspondences for re-triangulation come from `verified` (image index i = image_id - 1), or else from the
     `tracks` (every two observations of a track); without either, rounds only adjust and filter.
     `features`, when given, are checked against the images' keypoints. `constant_images` are image ids whose
-    poses stay as they are (e.g. the mapping report's `not_refined`); those also in `late_images` (e.g. the
-    mapping report's `few_observations`) join the refinement when PnP on the refined model places them near
+    poses stay as they are (e.g. the mapping report's `not_refined`); those also in `late_images` (e.g. all of
+    them) join the refinement when PnP on the refined model places them near
     their pose (`RefineConfig.register_late`), and are then refined with the rest.
     """
     start = time.perf_counter()
@@ -215,6 +220,10 @@ def refine_reconstruction(
                 break
             if "principal_point" in summary.frozen:
                 principal_point_possible = False
+            if index == 0 and config.filter_sigmas > 0:
+                config = replace(config, max_reproj_error_px=config.filter_sigmas * _keypoint_noise_px(rec))
+                logger.info("observations filtered beyond %.2f px (measured noise)", config.max_reproj_error_px)
+            report.max_reproj_error_px = config.max_reproj_error_px
             filtered = observations.filter_all_points3D(config.max_reproj_error_px, config.min_tri_angle_deg)
             added = (
                 _retriangulate(triangulator, rec, _triangulator_options(rec, config), constant | held)
@@ -273,6 +282,14 @@ def refine_reconstruction(
         again.time_s = time.perf_counter() - start
         return again
     return _finish(report, rec, constant, start)
+
+
+def _keypoint_noise_px(rec: pycolmap.Reconstruction) -> float:
+    """Per-axis keypoint noise (pixels) from the model's point errors: for a 2D Gaussian of sigma per axis, the
+    error norm averages 1.2533 sigma (Rayleigh), and the median of the points' mean errors is close to it."""
+    rec.update_point_3d_errors()
+    errors = np.array([point.error for point in rec.points3D.values()])
+    return float(np.median(errors)) / 1.2533 if len(errors) else 1.0
 
 
 def _pair_matches(
