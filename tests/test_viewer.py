@@ -9,8 +9,6 @@ serves until Ctrl-C or SIGTERM, exits 0 and frees its port. Bad input: one line,
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import signal
@@ -44,13 +42,6 @@ needs_viser = pytest.mark.skipif(
 needs_browser = pytest.mark.skipif(browser_unavailable() is not None, reason=str(browser_unavailable()))
 
 
-def _cli(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def run_output(tmp_path_factory) -> Path:
     """One command-line run (so that its summary records the `--images` folder); its output folder."""
@@ -61,11 +52,12 @@ def run_output(tmp_path_factory) -> Path:
         shutil.copy(DATA / "images" / name, images / name)
     save_predictions(load_predictions(DATA / "prior_vggt_sim.npz").subset(NAMES), root / "prior.npz")
     output = root / "out"
-    code, _, stderr = _cli([
-        "reconstruct", "--images", str(images), "--predictions", str(root / "prior.npz"), "--output", str(output),
-        "--set", "features.max_keypoints=512", "--set", "features.resize_max=640", "--no-report", "--quiet",
-    ])  # fmt: skip
-    assert code == 0, stderr
+    run = subprocess.run([
+        sys.executable, "-m", "vggt_sfm", "reconstruct", "--images", str(images), "--predictions",
+        str(root / "prior.npz"), "--output", str(output), "--set", "features.max_keypoints=512",
+        "--set", "features.resize_max=640", "--no-report", "--quiet",
+    ], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
     return output
 
 
@@ -302,9 +294,10 @@ def test_a_plain_colmap_model_shows_points_and_cameras_without_a_prior(run_outpu
         viewer.stop()
 
 
-def test_bad_input_is_one_line_and_exit_status_2(run_output, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_and_exit_status_2(run_output, tmp_path, monkeypatch, capsys):
     def refused(args: list[str], *expected: str) -> None:
-        code, stdout, stderr = _cli(["view", *args])
+        code = main(["view", *args])
+        stdout, stderr = capsys.readouterr()
         assert code == 2 and stdout == "", (code, stdout, stderr)
         assert len(stderr.strip().splitlines()) == 1, stderr
         for text in expected:

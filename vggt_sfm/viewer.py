@@ -40,7 +40,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 THUMBNAIL_MAX_SIDE = 240  # px: enough to recognise a photo on its frustum; keeps the scene light to send
 FRUSTUM_SIZE = 0.15  # of the scene extent, as in the report's 3D view
-POINT_SIZE = 0.01  # of the scene extent
+POINT_SIZE = 0.02  # of the points' spread: a few pixels each in the first view
 MODEL_COLOUR = (40, 90, 200)
 PRIOR_COLOUR = (230, 120, 20)
 
@@ -69,13 +69,20 @@ class ViewerScene:
     track_lengths: np.ndarray  # (P,) int: images that see each point
     cameras: PriorCameras  # the model's registered images, by name
     prior: PriorCameras | None  # the prior's cameras moved into the model's frame; None when there is none
-    extent: float  # a robust size of the scene, for the frusta and the points
+    extent: float  # a robust size of the scene: the frusta's size, the first view's distance
     images_dir: Path | None  # where the thumbnails come from; None when the photos were not found
     warnings: list[str] = field(default_factory=list)
 
     @property
     def num_points(self) -> int:
         return len(self.xyz)
+
+    @property
+    def point_spread(self) -> float:
+        """The median distance of the points to their median (1.0 without points): the scale of a point's size."""
+        if not self.num_points:
+            return 1.0
+        return float(np.median(np.linalg.norm(self.xyz - np.median(self.xyz, axis=0), axis=1))) or 1.0
 
     def point_mask(self, max_error: float, min_track_length: int) -> np.ndarray:
         """(P,) bool: the points whose reprojection error and track length pass the two thresholds."""
@@ -108,15 +115,6 @@ def find_images_dir(folder: Path, model_dir: Path, summary: dict[str, Any] | Non
         if candidate is not None and candidate.is_dir() and any((candidate / name).is_file() for name in names):
             return candidate
     return None
-
-
-def _scene_extent(cameras: PriorCameras, xyz: np.ndarray) -> float:
-    """The cameras' spread when there are two or more, else the points' (1.0 when there is neither)."""
-    if cameras.num_images >= 2:
-        return cameras.scene_scale()
-    if len(xyz):
-        return float(np.median(np.linalg.norm(xyz - np.median(xyz, axis=0), axis=1))) or 1.0
-    return 1.0
 
 
 def load_scene(folder: str | Path, images_dir: str | Path | None = None) -> ViewerScene:
@@ -162,8 +160,10 @@ def load_scene(folder: str | Path, images_dir: str | Path | None = None) -> View
             warnings.append(f"the photos were not found (no thumbnails on the frusta): pass {param('images_dir')} "
                             "with the model's images folder")  # fmt: skip
     label = str(inputs.model_dir if inputs.model_dir == folder else folder)
-    return ViewerScene(label, xyz, rgb, errors, track_lengths, cameras, prior, _scene_extent(cameras, xyz),
-                       images_dir, warnings)  # fmt: skip
+    scene = ViewerScene(label, xyz, rgb, errors, track_lengths, cameras, prior, 1.0, images_dir, warnings)
+    # The frusta's size: the cameras' spread when there are two or more, else the points'.
+    scene.extent = cameras.scene_scale() if cameras.num_images >= 2 else scene.point_spread
+    return scene
 
 
 def thumbnail(path: Path, max_side: int = THUMBNAIL_MAX_SIDE) -> np.ndarray | None:
@@ -260,7 +260,7 @@ class Viewer:
                 self._add_cameras(scene.prior, "/prior", PRIOR_COLOUR, None, self.prior_frustums)
             if scene.num_points:
                 self.point_cloud = server.scene.add_point_cloud(
-                    "/points", scene.xyz, scene.rgb, point_size=POINT_SIZE * scene.extent, precision="float32",
+                    "/points", scene.xyz, scene.rgb, point_size=POINT_SIZE * scene.point_spread, precision="float32",
                     point_shape="circle", point_shading="flat",  # flat: each point in its own colour, unshaded
                 )  # fmt: skip
         self._add_panel()
@@ -320,7 +320,10 @@ class Viewer:
         if self.point_cloud is None:
             return 0
         with self._lock:
-            keep = self.scene.point_mask(float(self.max_error.value), int(self.min_track.value))
+            max_error = float(self.max_error.value)
+            if max_error >= self.max_error.max:  # the slider's end means every point (its end is rounded)
+                max_error = np.inf
+            keep = self.scene.point_mask(max_error, int(self.min_track.value))
             with self.server.atomic():
                 if keep.any():
                     self.point_cloud.points = self.scene.xyz[keep]
@@ -331,7 +334,7 @@ class Viewer:
 
     def _set_point_size(self) -> None:
         if self.point_cloud is not None:
-            self.point_cloud.point_size = POINT_SIZE * self.scene.extent * float(self.point_size.value)
+            self.point_cloud.point_size = POINT_SIZE * self.scene.point_spread * float(self.point_size.value)
 
     @staticmethod
     def _set_visible(handles: list[Any], visible: bool) -> None:
