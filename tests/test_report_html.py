@@ -13,12 +13,12 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pycolmap
 import pytest
+from browser import browser_unavailable, distinct_colours, headless_chromium
 
 from vggt_sfm import pipeline, report_html
 from vggt_sfm.cli import main
@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "fountain"
 NAMES = [f"{i:04d}.jpg" for i in range(4)]
 SMALL = {"features": {"max_keypoints": 512, "resize_max": 640}}
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -247,41 +246,12 @@ def test_missing_plotly_is_one_line_naming_the_install(run_output, monkeypatch, 
     assert not output.exists()
 
 
-def _browser_unavailable() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[dev]')"
-    if shutil.which("chromium") is None:
-        return "Debian package chromium is not installed (apt-get install -y chromium chromium-driver)"
-    if not CHROMEDRIVER.exists():
-        return "Debian package chromium-driver is not installed (apt-get install -y chromium chromium-driver)"
-    return None
-
-
-def _distinct_colours(png: bytes) -> int:
-    from PIL import Image
-
-    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
-    return len(np.unique(image, axis=0))
-
-
-@pytest.mark.skipif(_browser_unavailable() is not None, reason=str(_browser_unavailable()))
+@pytest.mark.skipif(browser_unavailable() is not None, reason=str(browser_unavailable()))
 def test_the_report_renders_in_headless_chromium_offline(run_output, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}", "--window-size=1300,1000",
-                 # WebGL (plotly's 3D view) in software, as a machine without a GPU has it
-                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader"):  # fmt: skip
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver = headless_chromium(tmp_path)
     try:
         driver.get_log("performance")  # drop the browser's own start-up page
         driver.get((run_output / REPORT_FILE).as_uri())
@@ -306,7 +276,7 @@ def test_the_report_renders_in_headless_chromium_offline(run_output, tmp_path):
         page_png = driver.get_screenshot_as_png()
         scene_png = driver.find_element(By.ID, "plot-scene").screenshot_as_png
         (tmp_path / "report.png").write_bytes(page_png)
-        assert _distinct_colours(page_png) > 100  # text, frusta, points: not a blank page
-        assert _distinct_colours(scene_png) > 30  # the 3D view itself drew frusta and points
+        assert distinct_colours(page_png) > 100  # text, frusta, points: not a blank page
+        assert distinct_colours(scene_png) > 30  # the 3D view itself drew frusta and points
     finally:
         driver.quit()

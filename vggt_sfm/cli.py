@@ -1,11 +1,11 @@
-"""`vggt-sfm reconstruct | predict | pipelines | evaluate | simulate | report`.
+"""`vggt-sfm reconstruct | predict | pipelines | evaluate | simulate | report | view`.
 
 The command line only parses arguments and calls the Python API; everything it does is available from Python.
 
 Exit status: 0 done; 2 a user mistake (one line on stderr); 3 `reconstruct` finished but its result failed the
 sanity checks (`vggt_sfm.sanity`: no points, a large reprojection error, most frames not refined; the output is
 kept for inspection and its summary.json says why); 130 Ctrl-C; 143 SIGTERM; 141 stdout closed early (e.g. piped
-into `head`).
+into `head`). `view` serves until Ctrl-C or SIGTERM, its normal end: 0.
 """
 
 from __future__ import annotations
@@ -194,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("folder", metavar="FOLDER", help="output folder of `reconstruct`, or a COLMAP model folder")
     rep.add_argument("--output", metavar="FILE", help="the HTML file to write (default: FOLDER/report.html)")
     rep.add_argument("--gt", help="ground-truth COLMAP model of the same images: add the accuracy plots")
+
+    vw = sub.add_parser("view", help="look at a model in 3D in the browser (viser; pip install -e \".[viewer]\")",
+                        formatter_class=_HelpFormatter)  # fmt: skip
+    vw.add_argument("folder", metavar="FOLDER", help="output folder of `reconstruct`, or a COLMAP model folder")
+    vw.add_argument("--port", type=int, default=8080, help="port to serve on (0: any free one)")
+    vw.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    vw.add_argument("--images", help="the model's photos, for the thumbnails (default: the run's --images)")
     return parser
 
 
@@ -338,6 +345,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_view(args: argparse.Namespace) -> int:
+    from .viewer import view
+
+    try:
+        view(args.folder, host=args.host, port=args.port, images_dir=args.images, warn=lambda text: logger.warning(
+            "%s", in_cli_terms(text)), announce=lambda line: print(line, flush=True))  # a script waits for that line
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) is how a viewer is closed: the server has stopped
+        print("viewer stopped")
+    return 0
+
+
 COMMANDS = {
     "reconstruct": _cmd_reconstruct,
     "predict": _cmd_predict,
@@ -345,6 +363,7 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "simulate": _cmd_simulate,
     "report": _cmd_report,
+    "view": _cmd_view,
 }
 
 
