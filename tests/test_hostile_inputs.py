@@ -443,6 +443,28 @@ def test_sigterm_leaves_no_partial_model_and_the_rerun_resumes(tmp_path: Path):
     assert pycolmap.Reconstruction(out / "sparse" / "0").num_reg_images() == 5
 
 
+def test_a_sigterm_whose_exception_was_swallowed_still_stops_the_run_before_it_publishes(tmp_path: Path):
+    # CI saw it: the signal landed in logging's fork callback, whose exceptions Python ignores, and the run went on
+    # to publish its result with exit code 0.
+    from vggt_sfm.executor import fork_map
+    from vggt_sfm.output_folder import commit_output
+    from vggt_sfm.signals import Terminated, terminate_as_interrupt
+
+    work, output = tmp_path / ".out.partial", tmp_path / "out"
+    work.mkdir()
+    with pytest.raises(Terminated):
+        with terminate_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs here
+            except KeyboardInterrupt:
+                pass  # swallowed, as in an ignored callback
+            with pytest.raises(Terminated):
+                list(fork_map(abs, [-1, -2, -3], workers=2))
+            commit_output(work, output)
+    assert work.exists() and not output.exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 8. Odd, broken and huge image files
 

@@ -22,6 +22,7 @@ from typing import TypeVar
 import torch
 
 from .errors import UserError, param
+from .signals import raise_if_interrupted
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -163,12 +164,16 @@ def fork_map(function: Callable[[J], R], jobs: Iterable[J], workers: int, chunks
     jobs = list(jobs)
     workers = min(workers, len(jobs))
     if workers <= 1 or not sys.platform.startswith("linux"):
-        yield from map(function, jobs)
+        for job in jobs:
+            raise_if_interrupted()
+            yield function(job)
         return
     context = multiprocessing.get_context("fork")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_install, initargs=(function,))
     try:
-        yield from pool.map(_call, jobs, chunksize=max(1, chunksize))
+        for result in pool.map(_call, jobs, chunksize=max(1, chunksize)):
+            raise_if_interrupted()  # a signal that landed in the fork callbacks lost its exception there
+            yield result
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM, an error, the caller stopping early): drop the jobs not yet started
         # instead of waiting for all of them.

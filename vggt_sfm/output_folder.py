@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError, param
+from .signals import raise_if_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def reserved_output(output: Path | None, overwrite: bool) -> Iterator[Path | Non
 
 def commit_output(work: Path, output: Path) -> None:
     """Swap the finished work folder into place; the old results (if any) go only after the new ones are there."""
+    raise_if_interrupted()  # a stopped run publishes nothing, even where the signal's exception was swallowed
     trash = None
     if output.exists():
         trash = output.parent / f".{output.name}.old-{int(time.time())}"
