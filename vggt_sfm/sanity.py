@@ -32,7 +32,12 @@ class SanityLimits:
     # Median, over pairs of refined images, of the angle between their relative rotation in the model and in the
     # prediction. VGGT is a few degrees off per frame and fails on a minority of frames; a model that turns most
     # pairs farther than this from it has converged to a wrong solution (a weak scene bent by wrong matches).
-    max_prior_disagreement_deg: float = 8.0
+    # Measured on simulated priors (five sets, seeds 0-2, iid and every failure mode at once, the frames found
+    # wrong excluded): the 29 sound runs 1.4-4.5 deg (the highest under drift plus focal bias, where the
+    # prediction itself is that far off), the one bent run (templeSR seed 1, 6 deg off the truth) 6.0. The margin
+    # is small both ways: a prediction worse than VGGT's usual can fail a sound model (it says why; the model is
+    # still written), and a bend within the prediction's own error passes.
+    max_prior_disagreement_deg: float = 5.0
 
 
 def prior_disagreement_deg(
