@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vggt_sfm.config import config_from_dict
+
 from vggt_sfm import run
 from vggt_sfm.cli import main
 from vggt_sfm.errors import UserError
@@ -188,7 +190,10 @@ def test_a_model_that_contradicts_the_prediction_on_most_pairs_fails(temple_gt):
         far = prior_disagreement_deg(turn_half(model, degrees), prior)
         assert far > limit, (degrees, far)
         (reason,) = check_run(16, 100, 0.3, [], prior_disagreement=far)
-        assert "from the predicted cameras" in reason
+        assert "from the predicted cameras" in reason and "sanity.max_prior_disagreement_deg" in reason
+    # A user whose prediction is known to be worse can raise the limit (a preset's [sanity] table, or --set).
+    looser = config_from_dict({"sanity": {"max_prior_disagreement_deg": far + 1.0}}).sanity
+    assert not check_run(16, 100, 0.3, [], limits=looser, prior_disagreement=far)
     model = turn_half(model, 17.0)
     # The frames the run found wrong do not count against it.
     assert prior_disagreement_deg(model, prior, skip=prior.image_names[::2]) == pytest.approx(near, abs=1.0)

@@ -1,7 +1,7 @@
 """The configuration of a whole run: one small dataclass per stage, and the named presets in `pipelines/`.
 
 A preset is a TOML file with one table per stage (`[features]`, `[pairs]`, `[matching]`, `[view_graph]`, `[tracks]`,
-`[mapping]`, `[refine]`, `[predict]`, `[output]`, `[backend]`, and `[without_prior]` for `prior = "none"`, a
+`[mapping]`, `[refine]`, `[sanity]`, `[predict]`, `[output]`, `[backend]`, and `[without_prior]` for `prior = "none"`, a
 top-level key); any key it leaves out keeps the stage's default. Unknown keys and wrong types are errors naming
 the key, so a typo never passes silently.
 """
@@ -24,6 +24,7 @@ from .matching import MatchingConfig
 from .pairs import PairsConfig
 from .prior_free import WithoutPriorConfig
 from .refine import RefineConfig
+from .sanity import SanityLimits
 from .tracks import TracksConfig
 from .view_graph import ViewGraphConfig
 
@@ -80,6 +81,7 @@ class PipelineConfig:
     tracks: TracksConfig = field(default_factory=TracksConfig)
     mapping: MappingConfig = field(default_factory=MappingConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    sanity: SanityLimits = field(default_factory=SanityLimits)  # what a result must reach to end "ok"
     output: OutputConfig = field(default_factory=OutputConfig)
     without_prior: WithoutPriorConfig = field(default_factory=WithoutPriorConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)  # where the jobs run: this machine or Ray

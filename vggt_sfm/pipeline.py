@@ -370,7 +370,7 @@ def _run_stages(
     summary.details["prior_disagreement_deg"] = disagreement
     summary.failure_reasons = check_run(
         summary.num_images, summary.num_points, summary.mean_reprojection_error, summary.not_refined, prior,
-        bundle_adjusted=summary.bundle_adjusted, prior_disagreement=disagreement,
+        bundle_adjusted=summary.bundle_adjusted, limits=config.sanity, prior_disagreement=disagreement,
     )
     summary.status = status_of(summary.failure_reasons)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pycolmap
 
+from .errors import param
 from .prior import PriorCameras, rotation_angles_deg
 
 EXIT_FAILED = 3  # the command line's exit status for a run that completed but failed these checks
@@ -104,7 +105,8 @@ def check_run(
     if prior_disagreement > limits.max_prior_disagreement_deg:  # NaN passes: nothing to compare
         reasons.append(
             f"the model turns its image pairs {prior_disagreement:.1f} degrees (median) from the predicted cameras: "
-            "more than VGGT's errors, so it is most likely bent by wrong matches; inspect it before use"
+            "more than VGGT's errors, so it is most likely bent by wrong matches; inspect it before use (for a "
+            f"prediction known to be worse, raise {param('sanity.max_prior_disagreement_deg')})"
         )
     return reasons
 
