@@ -77,7 +77,8 @@ def run_one(set_name: str, seed: int, mode: str, overrides: list[str]) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| set | mode | registered | AUC@1 per draw | mean AUC@1 (COLMAP's) | rot. med. per draw (°) | "
-             "mean rot. med. (°) | vs iid | broken frames: recovered / named / silently wrong |", "|" + "---|" * 9]
+             "mean rot. med. (°) | vs iid | broken frames: recovered / named / silently wrong | ended FAILED | "
+             "prior disagreement, max (°) |", "|" + "---|" * 11]
     iid = {}
     for r in rows:
         if r["mode"] == "iid":
@@ -96,7 +97,9 @@ def table(rows: list[dict]) -> str:
             f"| {set_name} | {mode} | {sum(r['num_registered'] for r in sel)}/{sum(r['num_images'] for r in sel)} | "
             f"{auc1} | {100 * sum(r['auc@1'] for r in sel) / len(sel):.1f} ({COLMAP_AUC1.get(set_name, float('nan')):.1f}) | "
             f"{rots} | {mean_rot:.3f} | {mean_rot / base:.2f}x | "
-            f"{broken - named - silent} / {named} / {silent} |"
+            f"{broken - named - silent} / {named} / {silent} | "
+            f"{sum(r.get('status') == 'FAILED' for r in sel)} | "
+            f"{max(r.get('prior_disagreement_deg') or float('nan') for r in sel):.1f} |"
         )
     return "\n".join(lines)
 
