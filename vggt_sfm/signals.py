@@ -56,3 +56,4 @@ def terminate_as_interrupt() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _received.clear()  # a stop that was handled (exit 143) must not stop the next run in this process
