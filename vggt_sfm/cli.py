@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .signals import Terminated, terminate_as_interrupt
+from .signals import Terminated, interruption_handled, terminate_as_interrupt
 
 logger = logging.getLogger("vggt_sfm")
 
@@ -352,6 +352,7 @@ def _cmd_view(args: argparse.Namespace) -> int:
         view(args.folder, host=args.host, port=args.port, images_dir=args.images, warn=lambda text: logger.warning(
             "%s", in_cli_terms(text)), announce=lambda line: print(line, flush=True))  # a script waits for that line
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) is how a viewer is closed: the server has stopped
+        interruption_handled()
         print("viewer stopped")
     return 0
 

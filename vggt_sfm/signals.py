@@ -42,6 +42,11 @@ def raise_if_interrupted() -> None:
         raise _interruption(_received[0])
 
 
+def interruption_handled() -> None:
+    """Forget the signals received so far: the command stopped on them as it should (a viewer closed by Ctrl-C)."""
+    _received.clear()
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """Within the block SIGTERM raises `Terminated` and SIGINT KeyboardInterrupt in the main thread, both recorded."""
@@ -56,4 +61,4 @@ def terminate_as_interrupt() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _received.clear()  # a stop that was handled (exit 143) must not stop the next run in this process
+        interruption_handled()  # one that ended this block (exit 143) must not stop the next run in this process
