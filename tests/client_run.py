@@ -13,6 +13,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pycolmap
 from export_scene import temporary_folder
 
@@ -53,3 +54,25 @@ def client_run() -> ClientRun:
     model = pycolmap.Reconstruction(str(output / "sparse" / "0"))
     assert model.num_reg_images() == len(NAMES), stdout.getvalue()
     return ClientRun(images, output, model)
+
+
+def pose_difference(model, reference: pycolmap.Reconstruction) -> float:
+    """Largest entry of cam_from_world(model) - cam_from_world(reference) over the images, matched by name.
+
+    `model` is a colmap_binary.Model (an independent reading of some files); it must hold exactly the
+    reference's registered images.
+    """
+    by_name = {reference.images[i].name: reference.images[i] for i in reference.reg_image_ids()}
+    assert sorted(image.name for image in model.images.values()) == sorted(by_name)
+    return max(
+        float(np.abs(image.cam_from_world() - by_name[image.name].cam_from_world().matrix()).max())
+        for image in model.images.values()
+    )
+
+
+def observations(reconstruction: pycolmap.Reconstruction, image: pycolmap.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(N,2) keypoints of `image` that have a 3D point, and (N,3) those points."""
+    seen = [p for p in image.points2D if p.has_point3D()]
+    xy = np.array([p.xy for p in seen]).reshape(-1, 2)
+    xyz = np.array([reconstruction.points3D[p.point3D_id].xyz for p in seen]).reshape(-1, 3)
+    return xy, xyz

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 import pytest
-from client_run import NAMES, client_run
+from client_run import NAMES, client_run, pose_difference
 from colmap_binary import read_model
 
 from vggt_sfm.evaluation import evaluate
@@ -56,18 +56,6 @@ def database_copy(folder: Path) -> Path:
     return path
 
 
-def max_pose_difference(model, reference: pycolmap.Reconstruction) -> float:
-    """Largest entry of cam_from_world(model) - cam_from_world(reference) over the images, for colmap_binary models."""
-    assert sorted(image.name for image in model.images.values()) == sorted(
-        reference.images[i].name for i in reference.reg_image_ids()
-    )
-    by_name = {reference.images[i].name: reference.images[i] for i in reference.reg_image_ids()}
-    return max(
-        float(np.abs(image.cam_from_world() - by_name[image.name].cam_from_world().matrix()).max())
-        for image in model.images.values()
-    )
-
-
 @needs_colmap
 def test_model_analyzer_counts_what_we_wrote():
     run = client_run()
@@ -88,7 +76,7 @@ def test_model_converter_writes_our_model_as_text(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cameras.txt", "images.txt", "points3D.txt"]
     ours = run.model
     for model in (read_model(tmp_path, ".txt"), read_model(run.sparse, ".bin")):  # COLMAP 3.8's text, our bytes
-        assert max_pose_difference(model, ours) < POSE_TOLERANCE
+        assert pose_difference(model, ours) < POSE_TOLERANCE
         assert len(model.cameras) == ours.num_cameras()
         for camera_id, camera in model.cameras.items():
             expected = ours.cameras[camera_id]
@@ -119,7 +107,7 @@ def test_point_triangulator_reads_our_model_and_database(tmp_path):
            "--input_path", run.sparse, "--output_path", output, "--clear_points", "1", "--Mapper.num_threads", "2")
     statistics = model_statistics(output)
     assert statistics["Registered images"] == len(NAMES)
-    assert max_pose_difference(read_model(output), run.model) < POSE_TOLERANCE  # the poses stay ours
+    assert pose_difference(read_model(output), run.model) < POSE_TOLERANCE  # the poses stay ours
 
     reference = tmp_path / "colmap4"
     reference.mkdir()
