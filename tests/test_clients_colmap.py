@@ -1,6 +1,6 @@
 """COLMAP's own command line (Debian's COLMAP 3.8, not the pycolmap 4 we write with) reads our files.
 
-`model_analyzer` and `model_converter` read OUTPUT/sparse/0; `point_triangulator` (our model + our database) and
+`model_analyzer` and `model_converter` read OUTPUT/sparse/0 (and the text files of `--text`); `point_triangulator` (our model + our database) and
 `mapper` (our database alone) register every image. What they read back is compared with what we wrote: the
 model as pycolmap reads it, and the same files through tests/colmap_binary.py, a reader written from COLMAP's
 format description. The run is tests/client_run.py's (six fountain photos, `--database`, both exports).
@@ -22,6 +22,7 @@ from client_run import NAMES, client_run, pose_difference
 from colmap_binary import read_model
 
 from vggt_sfm.evaluation import evaluate
+from vggt_sfm.export.colmap import write_model
 from vggt_sfm.export.database import COLMAP3_PRIOR_COLUMNS
 from vggt_sfm.log import quiet_pycolmap
 
@@ -57,9 +58,16 @@ def database_copy(folder: Path) -> Path:
 
 
 @needs_colmap
-def test_model_analyzer_counts_what_we_wrote():
+@pytest.mark.parametrize("files", ["binary", "text"])
+def test_model_analyzer_counts_what_we_wrote(tmp_path, files):
     run = client_run()
-    statistics = model_statistics(run.sparse)
+    folder = run.sparse
+    if files == "text":  # what `--text` adds, alone (COLMAP reads the .bin files when both are there)
+        folder = write_model(run.model, tmp_path / "0", text=True)
+        for path in folder.glob("*.bin"):
+            path.unlink()
+        assert pose_difference(read_model(folder, ".txt"), run.model) < POSE_TOLERANCE
+    statistics = model_statistics(folder)
     ours = run.model
     assert statistics["Cameras"] == ours.num_cameras()
     assert statistics["Images"] == statistics["Registered images"] == ours.num_reg_images() == len(NAMES)
