@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--refine-distortion", action=argparse.BooleanOptionalAction, default=None, help="let bundle adjustment refine the distortion parameters")
     rec.add_argument("--ba-rounds", type=int, help="bundle-adjustment rounds at most")
     rec.add_argument("--no-ba", dest="ba", action="store_false", default=None, help="write the initial model without bundle adjustment")
-    rec.add_argument("--database", action="store_true", default=None, help="also write OUTPUT/database.db (COLMAP 4 schema)")
+    rec.add_argument("--database", action="store_true", default=None, help="also write OUTPUT/database.db (COLMAP 4 schema, which COLMAP 3.x reads too)")
     rec.add_argument("--export", action="append", choices=["gsplat", "nerfstudio"], help="extra export (repeatable)")
     rec.add_argument("--dense-points", type=int, help="dense initial points from depth for the exports (at most N)")
     rec.add_argument("--downscales", type=_int_list, metavar="N,N,...", help="gsplat: also write images_N, e.g. 2,4,8")

@@ -4,12 +4,21 @@ The database holds the cameras, rigs and frames, images (ids equal to the recons
 our keypoints, our raw matches, the verified matches as CALIBRATED two-view geometries (with the relative pose,
 E and F taken from the reconstruction where both images are registered; PANORAMIC with H for a pair without
 baseline), and the predicted camera centres as pose priors. `pycolmap.incremental_mapping`, `global_mapping` and `triangulate_points` read it as it is.
+
+COLMAP 3.x reads it too (`colmap mapper`, `point_triangulator`; tested with Debian's COLMAP 3.8): its `images`
+table has seven pose-prior columns (prior_qw..prior_qz, prior_tx..prior_tz) that COLMAP 4 dropped, and COLMAP 3.x
+refuses a database without them ("SQL logic error" while preparing its statements). They are added here, with
+the pose priors' positions in prior_tx..prior_tz (COLMAP 3.x keeps a position prior there) and no rotation prior
+(NULL). COLMAP 4 ignores those columns; COLMAP 3.x ignores what COLMAP 4 added (the rigs, frames and pose_priors
+tables, the camera1/camera2 columns of two_view_geometries).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -25,6 +34,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# COLMAP 3.x's images table: rotation prior (quaternion w, x, y, z) and position prior.
+COLMAP3_PRIOR_COLUMNS = ("prior_qw", "prior_qx", "prior_qy", "prior_qz", "prior_tx", "prior_ty", "prior_tz")
 _MIN_BASELINE = 1e-6  # relative to the spread of the camera centres: below it a pair has no usable translation
 
 
@@ -222,6 +233,7 @@ def write_database(
                     num_verified += 1
 
             num_priors, aligned = 0, False
+            positions: dict[int, np.ndarray] = {}
             if prior is not None:
                 centers, aligned = (
                     _aligned_prior_centers(prior, reconstruction, image_ids)
@@ -235,7 +247,9 @@ def write_database(
                     if pose_prior_std is not None:
                         pose_prior.position_covariance = np.eye(3) * float(pose_prior_std) ** 2
                     db.write_pose_prior(pose_prior)
+                    positions[image_id] = np.asarray(center, dtype=np.float64)
                     num_priors += 1
+        add_colmap3_columns(tmp, positions)
     return DatabaseReport(
         num_images=num_frames,
         num_keypoints=num_keypoints,
@@ -244,6 +258,22 @@ def write_database(
         num_pose_priors=num_priors,
         pose_priors_aligned=aligned,
     )
+
+
+def add_colmap3_columns(path: Path | str, positions: dict[int, np.ndarray]) -> None:
+    """Give a COLMAP 4 database the images columns COLMAP 3.x needs; `positions` (image id -> xyz) fill prior_t*.
+
+    Plain SQL, since pycolmap knows only COLMAP 4's schema. Columns already there are kept.
+    """
+    with contextlib.closing(sqlite3.connect(str(path))) as connection, connection:
+        existing = {row[1] for row in connection.execute("PRAGMA table_info(images)")}
+        for column in COLMAP3_PRIOR_COLUMNS:
+            if column not in existing:
+                connection.execute(f"ALTER TABLE images ADD COLUMN {column} REAL")
+        connection.executemany(
+            "UPDATE images SET prior_tx = ?, prior_ty = ?, prior_tz = ? WHERE image_id = ?",
+            [(*map(float, xyz), int(image_id)) for image_id, xyz in positions.items()],
+        )
 
 
 def _check_points2D(reconstruction: pycolmap.Reconstruction, image_id: int, keypoints: np.ndarray) -> None:

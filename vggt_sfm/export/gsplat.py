@@ -9,13 +9,18 @@ output_dir/
 ```
 3DGS accepts only PINHOLE / SIMPLE_PINHOLE cameras, hence the undistortion, and it ignores the principal point
 (it builds its projection from the fields of view alone). COLMAP's undistorter keeps the principal point where
-it was, so by default each image is also cropped, with a sub-pixel shift, to be centred on it. gsplat reads
-`sparse/0` with pycolmap (principal point included) and maps `images_N/` to `images/` by sorted file name.
+it was, so by default each image is also cropped, with a sub-pixel shift, to be centred on it, and to a size
+that every downscale factor divides: gsplat's parser scales K by (size of the image it loads) / (width // N),
+and 3DGS's fields of view and nerfstudio's floor(size / N) give the exact 1 / N camera only for such sizes
+(a 1530x1015 image at N = 2 put gsplat's points up to 0.49 px off at the edges). gsplat reads `sparse/0` with
+pycolmap (principal point included) and maps `images_N/` to `images/` by sorted file name; for JPEG images it
+ignores `images_N/` and writes its own PNG copies beside them (`images_N_png/`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -70,7 +75,8 @@ def export_gsplat(
     `points` = (xyz (N,3), rgb (N,3) uint8), e.g. from `dense.dense_points`, are added to the sparse points:
     to `points3D.ply` (read by 3DGS) and, without observations, to `points3D.bin` (read by gsplat), so both
     trainers start from the same cloud. `max_image_size` > 0 caps the undistorted images' longest side.
-    `center_principal_point` crops every image around its principal point, as 3DGS assumes.
+    `center_principal_point` crops every image around its principal point, as 3DGS assumes, to a size that
+    every factor of `downscales` divides.
     """
     images_dir = Path(images_dir)
     output_dir = Path(output_dir)
@@ -97,7 +103,7 @@ def export_gsplat(
         model = pycolmap.Reconstruction(str(undistorted / "sparse"))
         _check_undistorted(model, tmp / "images", names)
         if center_principal_point:
-            center_principal_points(model, tmp / "images")
+            center_principal_points(model, tmp / "images", size_multiple=math.lcm(*map(int, downscales or (1,))))
 
         xyz, rgb = reconstruction_points(model)
         if points is not None:
@@ -121,25 +127,34 @@ def _check_undistorted(model: pycolmap.Reconstruction, images_dir: Path, names: 
             raise RuntimeError(f"undistorted camera {camera.camera_id} is {camera.model.name}, not PINHOLE")
 
 
-def _centred_crop(size: int, principal: float) -> tuple[int, float]:
-    """New size and offset (new pixel = old pixel - offset) that put `principal` at the centre."""
+def _centred_crop(size: int, principal: float, multiple: int = 1) -> tuple[int, float]:
+    """New size and offset (new pixel = old pixel - offset) that put `principal` at the centre.
+
+    The size is a multiple of `multiple` unless the image is too small for one.
+    """
     half = min(principal, size - principal)
-    new_size = max(int(np.floor(2 * half)), 1)
+    new_size = int(np.floor(2 * half / multiple)) * multiple
+    if new_size < 1:
+        new_size = max(int(np.floor(2 * half)), 1)
     return new_size, principal - new_size / 2
 
 
-def center_principal_points(model: pycolmap.Reconstruction, images_dir: Path, tolerance_px: float = 1e-3) -> None:
-    """Crop the images of each PINHOLE camera so that its principal point is the image centre (in place).
+def center_principal_points(
+    model: pycolmap.Reconstruction, images_dir: Path, tolerance_px: float = 1e-3, size_multiple: int = 1
+) -> None:
+    """Crop the images of each PINHOLE camera so that its principal point is the image centre (in place), and
+    its width and height multiples of `size_multiple`.
 
     The shift is sub-pixel in general, so pixels are resampled (bicubic); keypoints move with the image.
     """
     for camera in model.cameras.values():
         fx, fy = camera.focal_length_x, camera.focal_length_y
         cx, cy = camera.principal_point_x, camera.principal_point_y
-        if abs(cx - camera.width / 2) < tolerance_px and abs(cy - camera.height / 2) < tolerance_px:
+        centred = abs(cx - camera.width / 2) < tolerance_px and abs(cy - camera.height / 2) < tolerance_px
+        if centred and camera.width % size_multiple == 0 and camera.height % size_multiple == 0:
             continue
-        width, offset_x = _centred_crop(camera.width, cx)
-        height, offset_y = _centred_crop(camera.height, cy)
+        width, offset_x = _centred_crop(camera.width, cx, size_multiple)
+        height, offset_y = _centred_crop(camera.height, cy, size_multiple)
         # With pixel centres at integers on both sides, new pixel (u, v) samples old (u + ox, v + oy).
         shift = np.array([[1.0, 0.0, offset_x], [0.0, 1.0, offset_y]])
         for image in model.images.values():
