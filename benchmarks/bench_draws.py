@@ -121,10 +121,15 @@ def main() -> int:
         text += "\n\n" + args.note
     print(text)
     if args.readme:
-        command = " ".join(["python benchmarks/bench_draws.py --sets", *args.sets, "--seeds", *map(str, args.seeds)]
-                           + [f"--variant {v}" for v in args.variant])
-        write_section("bench_draws", "\n".join([
-            "## The default against variants over several prior draws (`bench_draws.py`)",
+        sets = list(dict.fromkeys(row["set"] for row in rows))
+        seeds = sorted({row["seed"] for row in rows})
+        variants = [v for v in dict.fromkeys(row["variant"] for row in rows) if v != "default"]
+        command = " ".join(["python benchmarks/bench_draws.py --sets", *sets, "--seeds", *map(str, seeds)]
+                           + [f"--variant {v}" for v in variants] + ["--leave-one-out"] * args.leave_one_out)
+        # The leave-one-out check has its own section, so that it does not replace the tables the defaults came from.
+        write_section("bench_draws_loo" if args.leave_one_out else "bench_draws", "\n".join([
+            "## Do the defaults generalise? Leave one set out (`bench_draws.py --leave-one-out`)" if args.leave_one_out
+            else "## The default against variants over several prior draws (`bench_draws.py`)",
             "",
             f"Run {datetime.date.today().isoformat()} at {_git_head()}: `{command}`. The same simulated priors "
             f"(level `{PRIOR_LEVEL}`, one per seed) for every variant; accuracy only (times are in the other tables).",
