@@ -98,6 +98,9 @@ class RefineConfig:
     # once more with the prediction's focal lengths scaled to the refined one (a shared focal bias: fountain
     # 0.107 -> 0.053 deg, iid 0.037; benchmarks/README.md, failure modes).
     focal_repass: float = 0.05
+    # ... unless the repass turns the images this much farther (median over pairs, degrees) from the prediction's
+    # relative rotations than the first pass: then the refined focal was wrong and the first pass is kept.
+    focal_repass_max_disagreement_deg: float = 1.0
     # Frames held out of the initial model (mapping's `not_refined`: too few observations survive a prior pose ~2
     # degrees off when a frame's partners are few or its views narrow; or a frame repaired by the view graph that
     # PnP on the first, unrefined points could not confirm) are registered by PnP on the refined model, then refined
