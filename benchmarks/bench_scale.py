@@ -363,14 +363,15 @@ def tables(rows: list[dict]) -> str:
     ours = [(s, by[(s, "ours")]) for s in sizes if (s, "ours") in by and "error" not in by[(s, "ours")]]
     if ours:
         stages = list(dict.fromkeys(k for _, r in ours for k in r["stage_seconds"]))
-        head = " | ".join(f"{s}" for s, _ in ours)
+        head = " / ".join(f"{s}" for s, _ in ours)
         lines += ["", "Ours per stage: time (s) and peak memory (MB; main process + workers) at "
                   f"{', '.join(str(s) for s, _ in ours)} images:", "",
-                  f"| stage | time {head} | time exponent | peak MB {head} |", "|---|---|---|---|"]
+                  f"| stage | time at {head} (s) | time exponent | peak memory at {head} (MB) |", "|---|---|---|---|"]
         for stage in stages:
             times = [r["stage_seconds"].get(stage) for _, r in ours]
             peaks = [r.get("stage_peak_mb", {}).get(stage) for _, r in ours]
-            exponent = growth_exponent([s for s, _ in ours], times)
+            # A stage of a fraction of a second is timer noise: no exponent.
+            exponent = growth_exponent([s for s, _ in ours], times) if max(t or 0 for t in times) >= 0.5 else None
             lines.append(
                 f"| {stage} | {' / '.join(_fmt(t, '.1f') for t in times)} | {_fmt(exponent, '.2f')} | "
                 f"{' / '.join(_fmt(p, '.0f') for p in peaks)} |"
