@@ -117,7 +117,7 @@ def test_the_feature_reader_holds_a_few_images_not_all(tmp_path: Path):
     with FeatureStore(tmp_path / "features.h5", "k") as store:
         for name in names:
             store.put(name, _features(rng, 4096))
-    reader = FeatureReader(tmp_path / "features.h5", "k", names, cache_size=2)
+    reader = FeatureReader(tmp_path / "features.h5", "k", names, cache_bytes=2 * one_image + 2**16)
     tracemalloc.start()
     try:
         counts = [len(f.descriptors) for f in reader]  # every image, one after the other
@@ -125,7 +125,7 @@ def test_the_feature_reader_holds_a_few_images_not_all(tmp_path: Path):
     finally:
         tracemalloc.stop()
     assert counts == [4096] * 24
-    # All 24 images' descriptors are 48 MiB; the reader never held more than its 2 cached images and the one read.
+    # All 24 images' descriptors are 48 MiB; the reader never held more than its cache (2 images) and the one read.
     assert peak < 4 * one_image, f"peak {peak / 2**20:.1f} MiB"
     assert reader.num_keypoints() == [4096] * 24
 
