@@ -22,6 +22,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pycolmap
 import pytest
@@ -315,20 +316,22 @@ def test_interrupted_feature_extraction_resumes_where_it_stopped(tmp_path: Path,
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(images, predictions=predictions, output=out, config=config)
     work = tmp_path / ".out.partial"
-    assert not out.exists() and len(list((work / "cache").glob("features-*.items/*.npz"))) == 2
+    (store,) = (work / "cache").glob("features-*.h5")
+    with h5py.File(store, "r") as handle:  # one group per image, marked complete once written
+        assert sum(bool(group.attrs.get("complete")) for group in handle.values()) == 2
+    assert not out.exists() and not list((work / "cache").glob("features-*.npz"))
 
     extracted.clear()
     monkeypatch.setattr(features_module, "extract_image", lambda image, *a, **k: (extracted.append(1), real(image, *a, **k))[1])
     result = pipeline.run(images, predictions=predictions, output=out, config=config)
     assert len(extracted) == 2, "only the two images not extracted before the interrupt are extracted again"
     assert result.reconstruction.num_reg_images() == 4
-    assert not list((out / "cache").glob("*.items")), "the per-image entries go once the stage is stored whole"
 
     monkeypatch.undo()
     (entry,) = (out / "cache").glob("features-*.npz")
-    resumed = cache_module.read_entry(entry)
+    resumed = cache_module.read_entry(entry)  # refers to the store, read image by image
     fresh = extract_features(images, sorted(p.name for p in images.iterdir()), config.features, progress=False)
-    assert _same(resumed, fresh)
+    assert _same(list(resumed), fresh)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -632,6 +635,6 @@ def test_a_run_failing_later_keeps_only_its_finished_cache_and_says_so(tmp_path:
     with caplog.at_level(logging.WARNING, logger="vggt_sfm"), pytest.raises(RuntimeError):
         pipeline.run(images, predictions=predictions, output=out, config=config_from_dict(SMALL))
     assert not out.exists() and _hidden(tmp_path) == [".out.partial"]
-    kept = sorted(p.name.split("-")[0] for p in (tmp_path / ".out.partial" / "cache").iterdir())
+    kept = sorted({p.name.split("-")[0] for p in (tmp_path / ".out.partial" / "cache").iterdir()})
     assert kept == ["features", "matches", "verification", "view_graph"]
     assert any("finished stages' cache is kept in" in r.getMessage() for r in caplog.records)

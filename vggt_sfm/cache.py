@@ -7,8 +7,11 @@ stage and everything after it, and nothing before it.
 An entry is a numpy `.npz` read with `allow_pickle=False`, its structure a JSON text inside it that names only
 the result types listed in `_result_types` (features, matches, predictions, tracks): a cache folder someone hands
 over is data, never code. A damaged or foreign entry (another format version, garbage, a pickle) is recomputed
-with a warning. Stages that work image by image (features) also keep each image's result as it is made
-(`StageCache.items`), so an interrupted stage resumes where it stopped.
+with a warning. The stages that work image by image or pair by pair (features, matching) write their results into
+HDF5 stores beside the entries as they are made (`storage.py`, `StageCache.store_path`), so an interrupted stage
+resumes where it stopped; their entry then only refers to the store (`{"stored": ...}`: the file's name, its key
+and its groups), which is verified when the entry is read. Without a cache folder the stores go to a temporary
+folder that `StageCache.close` removes: they keep a run's memory bounded all the same.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from . import storage
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,9 +89,15 @@ def _result_types() -> dict[str, type]:
 class _Encoder:
     """A result as JSON structure plus numpy arrays (lists of like arrays are stored concatenated, as one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path) -> None:
         self.arrays: dict[str, np.ndarray] = {}
         self.types = _result_types()
+        self.directory = directory  # where the entry goes: stores it refers to must be there
+
+    def _reference(self, value: storage.FeatureReader | storage.StoredArrays) -> dict[str, Any]:
+        if value.path.parent.resolve() != self.directory.resolve():
+            raise CacheFormatError(f"{value.path} is not in the cache folder {self.directory}")
+        return {"stored": value.reference()}
 
     def _store(self, array: np.ndarray) -> str:
         if array.dtype.hasobject:
@@ -97,6 +109,10 @@ class _Encoder:
     def encode(self, value: Any) -> Any:
         if isinstance(value, np.ndarray):
             return {"array": self._store(value)}
+        if isinstance(value, (storage.FeatureReader, storage.StoredArrays)):
+            return self._reference(value)
+        if isinstance(value, storage.ChainedArrays):
+            return {"chain": [self.encode(part) for part in value.parts]}
         if isinstance(value, np.generic):
             return {"scalar": self._store(np.asarray(value))}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -122,9 +138,13 @@ class _Encoder:
         raise CacheFormatError(f"a {type(value).__name__} is not a cacheable result")
 
 
-def _decode(node: Any, arrays: Any, types: dict[str, type]) -> Any:
+def _decode(node: Any, arrays: Any, types: dict[str, type], directory: Path) -> Any:
     if not isinstance(node, dict) or len(node) == 0:
         raise CacheFormatError("malformed structure")
+
+    def decode(child: Any) -> Any:
+        return _decode(child, arrays, types, directory)
+
     if "value" in node:
         return node["value"]
     if "array" in node:
@@ -135,23 +155,28 @@ def _decode(node: Any, arrays: Any, types: dict[str, type]) -> Any:
         cls = types.get(node["dataclass"])
         if cls is None:
             raise CacheFormatError(f"unknown result type {node['dataclass']!r}")
-        return cls(**{k: _decode(v, arrays, types) for k, v in node["fields"].items()})
+        return cls(**{k: decode(v) for k, v in node["fields"].items()})
+    if "stored" in node:
+        return storage.from_reference(node["stored"], directory)
+    if "chain" in node:
+        return storage.ChainedArrays(*(decode(part) for part in node["chain"]))
     if "arrays" in node:
         data, lengths = arrays[node["arrays"]], arrays[node["lengths"]]
         parts = np.split(data, np.cumsum(lengths)[:-1])
         return parts if node["kind"] == "list" else tuple(parts)
     if "list" in node:
-        return [_decode(v, arrays, types) for v in node["list"]]
+        return [decode(v) for v in node["list"]]
     if "tuple" in node:
-        return tuple(_decode(v, arrays, types) for v in node["tuple"])
+        return tuple(decode(v) for v in node["tuple"])
     if "dict" in node:
-        return {k: _decode(v, arrays, types) for k, v in node["dict"].items()}
+        return {k: decode(v) for k, v in node["dict"].items()}
     raise CacheFormatError(f"unknown node {sorted(node)}")
 
 
 def write_entry(path: Path, value: Any) -> None:
-    """Store a result at `path` (an .npz), atomically; CacheFormatError when it holds a type we do not store."""
-    encoder = _Encoder()
+    """Store a result at `path` (an .npz), atomically; CacheFormatError when it holds a type we do not store
+    (or a store outside `path`'s folder)."""
+    encoder = _Encoder(path.parent)
     structure = {"format": ENTRY_FORMAT, "version": ENTRY_VERSION, "result": encoder.encode(value)}
     arrays = dict(encoder.arrays)
     arrays[_STRUCTURE_KEY] = np.array(json.dumps(structure))
@@ -177,7 +202,7 @@ def read_entry(path: Path) -> Any:
         if structure.get("version") != ENTRY_VERSION:
             raise CacheFormatError(f"format version {structure.get('version')}, this vggt-sfm reads {ENTRY_VERSION}")
         arrays = {name: data[name] for name in data.files if name != _STRUCTURE_KEY}
-    return _decode(structure["result"], arrays, _result_types())
+    return _decode(structure["result"], arrays, _result_types(), path.parent)
 
 
 def _read_or_none(path: Path) -> tuple[Any, bool]:
@@ -189,39 +214,38 @@ def _read_or_none(path: Path) -> tuple[Any, bool]:
         return None, False
 
 
-class ItemCache:
-    """The results of one stage's items (one per image), each in its own entry, made as the stage goes."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def _path(self, item: str) -> Path:
-        return self.directory / f"{hashlib.sha1(item.encode()).hexdigest()[:16]}.npz"
-
-    def get(self, item: str) -> tuple[Any, bool]:
-        """(result, True) when `item` was stored, else (None, False)."""
-        path = self._path(item)
-        return _read_or_none(path) if path.exists() else (None, False)
-
-    def put(self, item: str, value: Any) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_entry(self._path(item), value)
-
-
 class StageCache:
-    """Stage results in one folder; `None` as the folder disables caching."""
+    """Stage results in one folder; `None` as the folder disables caching (the stores then go to a temporary
+    folder, removed by `close`)."""
 
     def __init__(self, directory: Path | None):
         self.directory = directory
+        self._scratch: Path | None = None
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{key}.npz"
 
-    def items(self, key: str) -> ItemCache | None:
-        """Where the stage of `key` keeps its per-item results until the whole result is stored."""
-        return None if self.directory is None else ItemCache(self.directory / f"{key}.items")
+    def store_path(self, key: str) -> Path:
+        """The HDF5 store of the stage of `key` (`storage.py`): beside its entry, or in the temporary folder."""
+        if self.directory is not None:
+            return self.directory / f"{key}.h5"
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="vggt_sfm_stages_"))
+        return self._scratch / f"{key}.h5"
+
+    def close(self) -> None:
+        """Remove the temporary stores (a run without a cache folder); the cache folder stays."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def __enter__(self) -> StageCache:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def get_or_compute(self, key: str, compute: Callable[[], T]) -> tuple[T, bool]:
         """The cached result for `key`, or compute and store it. Returns (result, was_cached)."""
@@ -236,6 +260,4 @@ class StageCache:
                 write_entry(path, result)
             except CacheFormatError as error:  # a result we cannot store is a bug to see, but not to fail on
                 logger.warning("not caching %s: %s", key, error)
-            else:
-                shutil.rmtree(self.directory / f"{key}.items", ignore_errors=True)
         return result, False

@@ -19,11 +19,11 @@ import numpy as np
 import pycolmap
 import torch
 
-from .cache import ItemCache
 from .errors import UserError
 from .images import read_image
 from . import log
 from .executor import Executor, LocalExecutor, default_workers
+from .storage import FeatureReader, FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -246,41 +246,46 @@ def extract_features(
     image_names: list[str],
     config: FeatureConfig,
     progress: bool = True,
-    store: ItemCache | None = None,
+    store: FeatureStore | None = None,
     executor: Executor | None = None,
-) -> list[Features]:
+) -> list[Features] | FeatureReader:
     """Detect and describe keypoints in every image, in the order of `image_names`.
 
     Images are read with `images.read_image` (EXIF orientation applied), so keypoints refer to the same pixels
-    as every other stage. With `store`, each image's features are kept as soon as they are made and the images
-    already there are not extracted again: an interrupted extraction resumes where it stopped. `executor`: where
-    the images are extracted (default: this machine, `LocalExecutor`).
+    as every other stage. Without `store`, returns the list of every image's features. With `store` (an open
+    `storage.FeatureStore`), each image's features are written to it as soon as they are made, the images
+    already there are not extracted again (an interrupted extraction resumes where it stopped), and the result
+    is a `FeatureReader` that loads an image's features when asked: memory stays bounded by a few images.
+    `executor`: where the images are extracted (default: this machine, `LocalExecutor`).
     """
     images_dir = Path(images_dir)
     extractor = _make_extractor(config)  # checks the configuration before any work
     done: dict[str, Features] = {}
     if store is not None:
-        for name in image_names:
-            stored, found = store.get(name)
-            if found and isinstance(stored, Features):
-                done[name] = stored
-        if done:
-            logger.info("features: %d of %d images already extracted", len(done), len(image_names))
-    todo = [name for name in image_names if name not in done]
+        stored = [name for name in image_names if store.done(name)]
+        if stored:
+            logger.info("features: %d of %d images already extracted", len(stored), len(image_names))
+        todo = [name for name in image_names if name not in set(stored)]
+    else:
+        todo = list(image_names)
     # COLMAP's SIFT holds the GIL, so threads would run one at a time: one process per core instead, as COLMAP
     # runs one image per core. The learned extractors run in torch, which already spreads one image over the cores.
     workers = default_workers(config.num_workers) if config.extractor == "sift" else 1
     executor = executor or LocalExecutor()
     results = executor.map(_ImageExtraction(images_dir, config, extractor), todo, workers, gpu=config.device != "cpu")
+    total, count = 0, 0
     for name, result in zip(todo, log.progress(results, desc="features", total=len(todo), enabled=progress)):
         if store is not None:
             store.put(name, result)
-        done[name] = result
-    features = [done[name] for name in image_names]
+        else:
+            done[name] = result
+        total, count = total + result.num_keypoints, count + 1
+    if store is not None:
+        features: list[Features] | FeatureReader = store.reader(image_names)
+    else:
+        features = [done[name] for name in image_names]
     logger.info(
-        "%s: %d images, %.0f keypoints per image on average",
-        config.extractor,
-        len(features),
-        np.mean([f.num_keypoints for f in features]) if features else 0.0,
-    )
+        "%s: %d images (%d extracted now), %.0f keypoints per extracted image on average",
+        config.extractor, len(image_names), count, total / count if count else 0.0,
+    )  # fmt: skip
     return features

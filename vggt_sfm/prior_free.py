@@ -247,7 +247,8 @@ def reconstruct_without_prior(
     the StageResults the outputs need.
     """
     from .pipeline import (
-        ReconstructionSummary, StageResults, _report_dict, cached_features, reconstruction_summary_numbers,
+        ReconstructionSummary, StageResults, _report_dict, cached_features, cached_matches,
+        reconstruction_summary_numbers,
     )  # fmt: skip
 
     def cached(stage: str, key: str, compute):
@@ -264,11 +265,10 @@ def reconstruct_without_prior(
         verification="ransac" if config.matching.verification == "prior" else config.matching.verification,
     )
     matches_key = stage_key("matches", features_key, pairs.tolist(), matching_config, None)
-    raw = cached(
-        "matching",
-        matches_key,
-        lambda: matching_stage.match_pairs(features, pairs, matching_config, progress=progress, prior=None),
-    )
+    raw = cached_matches(
+        matches_key, names, cache, timer,
+        lambda store: matching_stage.match_pairs(features, pairs, matching_config, progress=progress, store=store),
+    )  # fmt: skip
     verify_key = stage_key("verification", matches_key, matching_config, "no prior")
     verified = cached(
         "verification",

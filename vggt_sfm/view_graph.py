@@ -363,14 +363,10 @@ def _search_again(
     extra_raw = PairMatches(
         pairs=np.concatenate([raw.pairs[old].reshape(-1, 2), new_raw.pairs.reshape(-1, 2)]),
         matches=[raw.matches[k] for k in old] + list(new_raw.matches),
-        scores=[raw.scores[k] for k in old] + list(new_raw.scores) if raw.scores else [],
+        scores=[raw.scores[k] for k in old] + list(new_raw.scores) if len(raw.scores) else [],
     )
     extra_verified = verify_matches(features, extra_raw, prior, search, progress=progress)
-    merged_raw = PairMatches(
-        pairs=np.concatenate([raw.pairs, new_raw.pairs.reshape(-1, 2)]),
-        matches=list(raw.matches) + list(new_raw.matches),
-        scores=list(raw.scores) + list(new_raw.scores) if raw.scores else [],
-    )
+    merged_raw = raw.extended(new_raw)  # the stored pairs stay in their store, unread
     merged = VerifiedMatches(
         pairs=np.concatenate([verified.pairs.reshape(-1, 2), extra_verified.pairs.reshape(-1, 2)]),
         matches=list(verified.matches) + list(extra_verified.matches),
