@@ -13,6 +13,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,13 @@ needs_colmap = pytest.mark.skipif(
     COLMAP is None, reason="COLMAP's command line is not installed (Debian/Ubuntu: apt-get install colmap, as .ci/run does)"
 )
 POSE_TOLERANCE = 1e-6
+_GLOG_DIR = tempfile.TemporaryDirectory(prefix="colmap-logs-")
 
 
 def colmap(*args: str | Path) -> str:
     """Run a COLMAP command (no display: Qt's offscreen platform); its output, after checking it succeeded."""
-    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    # glog writes a log file per run into /tmp unless told where: a folder removed when the tests end.
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "GLOG_log_dir": _GLOG_DIR.name}
     result = subprocess.run([COLMAP, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"colmap {args[0]} failed ({result.returncode}):\n{output[-3000:]}"
