@@ -364,6 +364,8 @@ class MergeReport:
 
     passes: list[list[str]]  # the frames of each pass, as given
     gauge: int = 0  # the pass whose frame the merged predictions are in
+    # world_from_pass of each pass: [scale, qx, qy, qz, qw, tx, ty, tz] (quaternion xyzw); None when dropped
+    placements: list[list[float] | None] = field(default_factory=list)
     edges: list[dict] = field(default_factory=list)  # a, b, shared, residual, status: used | inconsistent | failed
     replaced: list[int] = field(default_factory=list)  # outlier passes placed again from their consistent edges
     dropped: list[int] = field(default_factory=list)  # outlier passes left out
@@ -474,9 +476,11 @@ def place_passes(
     bad = residuals > threshold
     degree = np.bincount([c for e in edges for c in (e.a, e.b)], minlength=n)
     bad_degree = np.bincount([c for e, x in zip(edges, bad) if x for c in (e.a, e.b)], minlength=n)
-    outliers = {c for c in range(n) if bad_degree[c] > 0 and 2 * bad_degree[c] > degree[c]}
-    if len(outliers) == n:  # nothing is trusted more than the rest
-        outliers = set()
+    # A pair that disagrees is blamed on the pass with the larger share of disagreeing pairs (none on a tie: in a
+    # lone loop nothing tells which side is wrong); a pass blamed for most of its pairs is an outlier.
+    share = bad_degree / np.maximum(degree, 1)
+    blamed = sorted({e.a if share[e.a] > share[e.b] else e.b for e, x in zip(edges, bad) if x and share[e.a] != share[e.b]})
+    outliers = {c for c in blamed if 2 * bad_degree[c] > degree[c]}
     gauge = min(set(range(n)) - outliers)
     kept = [k for k, e in enumerate(edges) if not bad[k] and e.a not in outliers and e.b not in outliers]
     # Edges left out that join otherwise separate parts cannot bend anything: they come back, best first.
@@ -508,17 +512,28 @@ def place_passes(
                 report.replaced.append(c)
                 progress = True
     report.dropped = waiting
+    report.replaced = sorted(report.replaced + [c for c in blamed if c not in outliers])
 
     final_residuals = edge_residuals(final, edges)
     for k, e in enumerate(edges):
         status = "used" if k in kept else "outlier" if e.a in outliers or e.b in outliers else "inconsistent"
         report.edges.append({"a": e.a, "b": e.b, "shared": e.shared, "residual": float(final_residuals[k]), "status": status})
-        if status == "inconsistent":
+        if status == "inconsistent" and e.a not in blamed and e.b not in blamed:
             logger.warning(
                 "%s %d and %d disagree with the other %s on their shared frames (%s; residual %.2f, limit %.2f): "
                 "that pair is left out of the merge", passes.noun[:-1], e.a, e.b, passes.noun, shown_names(e.shared),
                 residuals[k], threshold,
             )  # fmt: skip
+    for c in blamed:
+        others = [e.b if e.a == c else e.a for e, x in zip(edges, bad) if x and c in (e.a, e.b)]
+        placed_by = "it is left out" if c in report.dropped else (
+            "placed again from those that agree with each other" if c in outliers
+            else f"placed from the other {degree[c] - len(others)}")  # fmt: skip
+        logger.warning(
+            "%s %d (%s) disagrees with %d of its %d neighbouring %s (%s): %s", passes.noun[:-1], c,
+            shown_names(report.passes[c]) if c < len(report.passes) else "", len(others), degree[c], passes.noun,
+            ", ".join(map(str, others)), placed_by,
+        )  # fmt: skip
     report.edges.sort(key=lambda item: (item["a"], item["b"]))
     return final, gauge, placed
 
@@ -541,10 +556,16 @@ def merge_predictions(
     n = len(parts)
     report = MergeReport(passes=[list(p.image_names) for p in parts])
     if n == 1:
+        report.placements = [[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]]
         return parts[0], report
     edges = _pairwise_edges(parts, passes, report)
     placements, gauge, placed = place_passes(n, edges, report, passes)
     report.gauge = gauge
+    report.placements = [
+        [float(placements.scales[c]), *Rotation.from_matrix(placements.rotations[c]).as_quat().tolist(),
+         *placements.translations[c].tolist()] if c in placed else None
+        for c in range(n)
+    ]  # fmt: skip
 
     # Each frame from its owner, or from the first placed pass that holds it.
     chosen: dict[int, list[str]] = {c: [] for c in range(n)}
@@ -563,17 +584,10 @@ def merge_predictions(
                 chosen[holders[0]].append(name)
             else:
                 report.dropped_frames.append(name)
-    for c in report.replaced:
+    if report.dropped_frames:
         logger.warning(
-            "%s %d (%s) disagrees with most of its neighbours: placed again from those that agree with each other",
-            passes.noun[:-1], c, shown_names(parts[c].image_names),
-        )  # fmt: skip
-    for c in report.dropped:
-        logger.warning(
-            "%s %d (%s) disagrees with every neighbour it could be placed by: it is left out%s",
-            passes.noun[:-1], c, shown_names(parts[c].image_names),
-            f", and with it {len(report.dropped_frames)} frame(s) no other {passes.noun[:-1]} holds: "
-            f"{shown_names(report.dropped_frames)}" if report.dropped_frames else "",
+            "%d frame(s) only the %s left out held are not in the merged predictions: %s",
+            len(report.dropped_frames), passes.noun, shown_names(report.dropped_frames),
         )  # fmt: skip
 
     pieces = []
