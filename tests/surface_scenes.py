@@ -3,7 +3,9 @@
 The ground-truth models have cameras only; `simulate_prior(depth_from=...)` renders simulated depth from a model
 with points. These give it one without running a reconstruction: a bumpy plane across the view (forward-facing
 captures) or a bumpy sphere at the point the cameras look at (orbits), each point observed by the images that
-see it (in the image, in front of the camera, and for the sphere on the side facing the camera).
+see it (in the image, in front of the camera, and for the sphere on the side facing the camera). And the two
+ways the merge tests make predictions of several passes differ, as independent VGGT passes do: `random_frame`
+(each pass in a frame of its own) and `shaken` (each camera turned a little).
 """
 
 from __future__ import annotations
@@ -11,8 +13,13 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import dataclasses
+
 import numpy as np
 import pycolmap
+from scipy.spatial.transform import Rotation
+
+from vggt_sfm.predictions import Predictions
 
 
 def _observe(model: pycolmap.Reconstruction, points: np.ndarray, normals: np.ndarray | None) -> pycolmap.Reconstruction:
@@ -78,3 +85,21 @@ def sphere_model(gt: Path, seed: int = 0) -> pycolmap.Reconstruction:
     normals /= np.linalg.norm(normals, axis=1, keepdims=True)
     bumps = 1.0 + 0.1 * np.sin(4.0 * normals[:, :1]) * np.cos(3.0 * normals[:, 1:2])
     return _observe(model, centre + radius * bumps * normals, normals)
+
+
+def random_frame(rng: np.random.Generator) -> pycolmap.Sim3d:
+    """A random similarity: scale e^U(-2,2), a uniform rotation, a unit-normal translation."""
+    return pycolmap.Sim3d(
+        float(np.exp(rng.uniform(-2, 2))), pycolmap.Rotation3d(Rotation.random(random_state=rng).as_matrix()), rng.normal(size=3)
+    )
+
+
+def shaken(predictions: Predictions, degrees: float, rng: np.random.Generator) -> Predictions:
+    """Every camera turned about its own centre by a random rotation of about `degrees`."""
+    poses = predictions.cam_from_world.copy()
+    for pose in poses:
+        delta = Rotation.from_rotvec(rng.normal(size=3) * np.radians(degrees) / np.sqrt(3)).as_matrix()
+        center = -pose[:, :3].T @ pose[:, 3]
+        pose[:, :3] = delta @ pose[:, :3]
+        pose[:, 3] = -pose[:, :3] @ center
+    return dataclasses.replace(predictions, cam_from_world=poses)

@@ -17,7 +17,7 @@ import numpy as np
 import pycolmap
 import pytest
 from scipy.spatial.transform import Rotation
-from surface_scenes import look_at_point, sphere_model
+from surface_scenes import look_at_point, random_frame, shaken, sphere_model
 
 from vggt_sfm.errors import UserError
 from vggt_sfm.evaluation.metrics import read_ground_truth, rotation_errors_deg
@@ -40,12 +40,6 @@ def _orbit() -> list[str]:
 def _ring(names: list[str], size: int, step: int) -> list[list[str]]:
     """Arcs of `size` frames every `step` frames around the orbit; the last wraps onto the first."""
     return [[names[(start + k) % len(names)] for k in range(size)] for start in range(0, len(names), step)]
-
-
-def _random_frame(rng: np.random.Generator) -> pycolmap.Sim3d:
-    return pycolmap.Sim3d(
-        float(np.exp(rng.uniform(-2, 2))), pycolmap.Rotation3d(Rotation.random(random_state=rng).as_matrix()), rng.normal(size=3)
-    )
 
 
 def _turned(predictions: Predictions, names: list[str], degrees: float, axis: tuple[float, float, float]) -> Predictions:
@@ -71,7 +65,7 @@ def _chunks(one_pass: Predictions, chunks: list[list[str]], seed: int, turns: di
     """Each chunk of `one_pass` in a random frame of its own (and, per chunk index in `turns`, some of its frames
     turned first); returns the chunks and their true world_from_chunk placements (world: chunk 0's frame)."""
     rng = np.random.default_rng(seed)
-    frames = [_random_frame(rng) for _ in chunks]
+    frames = [random_frame(rng) for _ in chunks]
     parts = []
     for c, names in enumerate(chunks):
         part = one_pass.subset(names)
@@ -124,17 +118,6 @@ def test_exact_chunks_are_placed_at_their_true_frames(exact):
     assert json.loads(str(merged.extras[MERGE_REPORT_KEY]))["dropped"] == []
 
 
-def _shaken(predictions: Predictions, degrees: float, rng: np.random.Generator) -> Predictions:
-    """Every camera turned about its own centre by a random rotation of about `degrees`."""
-    poses = predictions.cam_from_world.copy()
-    for pose in poses:
-        delta = Rotation.from_rotvec(rng.normal(size=3) * np.radians(degrees) / np.sqrt(3)).as_matrix()
-        centre = -pose[:, :3].T @ pose[:, 3]
-        pose[:, :3] = delta @ pose[:, :3]
-        pose[:, 3] = -pose[:, :3] @ centre
-    return dataclasses.replace(predictions, cam_from_world=poses)
-
-
 def test_noisy_chunks_are_placed_within_their_noise(exact):
     """Each chunk's cameras get 1 degree of noise of their own, as independent VGGT passes disagree: each edge,
     fitted on two shared frames noisy in both chunks, is then off by about 1 degree, and every placement stays
@@ -143,7 +126,7 @@ def test_noisy_chunks_are_placed_within_their_noise(exact):
     chunks = _ring(_orbit(), 7, 5)
     rng = np.random.default_rng(3)
     parts, truths = _chunks(exact, chunks, seed=4)
-    parts = [_shaken(part, 1.0, rng) for part in parts]
+    parts = [shaken(part, 1.0, rng) for part in parts]
     merged, report = merge_predictions(parts, order=exact.image_names)
     rotation, scale, position = _placement_errors(report, truths, parts)
     assert rotation.max() < 1.5 and scale.max() < 0.02 and position.max() < 0.10

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 import pytest
-from scipy.spatial.transform import Rotation
-from surface_scenes import plane_model
+from surface_scenes import plane_model, random_frame, shaken
 
 from vggt_sfm.errors import UserError
 from vggt_sfm.evaluation.metrics import evaluate, rotation_errors_deg
@@ -53,17 +52,8 @@ def _windowed(predictions: Predictions, ranges, seed: int, extra_rotation_deg: f
     for start, stop in ranges:
         window = predictions.subset(predictions.image_names[start:stop])
         if extra_rotation_deg:
-            poses = window.cam_from_world.copy()
-            for pose in poses:
-                delta = Rotation.from_rotvec(rng.normal(size=3) * np.radians(extra_rotation_deg) / np.sqrt(3)).as_matrix()
-                center = -pose[:, :3].T @ pose[:, 3]
-                pose[:, :3] = delta @ pose[:, :3]
-                pose[:, 3] = -pose[:, :3] @ center
-            window = dataclasses.replace(window, cam_from_world=poses)
-        frame = pycolmap.Sim3d(
-            float(np.exp(rng.uniform(-2, 2))), pycolmap.Rotation3d(Rotation.random(random_state=rng).as_matrix()), rng.normal(size=3)
-        )
-        windows.append(transform_predictions(window, frame))
+            window = shaken(window, extra_rotation_deg, rng)
+        windows.append(transform_predictions(window, random_frame(rng)))
     return windows
 
 
