@@ -11,12 +11,13 @@ How they are formed (`form_chunks`):
    image pair's weight is its number of verified matches: how much of the scene the two views share.
 2. Groups: images joined by verified matches form groups. More than one group of two or more images is refused
    (one line naming the groups: they are separate scenes, to be predicted apart). An image with no verified match
-   at all is kept, placed by appearance alone (its most similar images), with a warning.
+   at all is kept, with a warning, and cut with the images it looks most like (by its global descriptor).
 3. Cores: the images are split into P disjoint cores of at most N - 2K images (N - K when N < 3K) by recursive
    spectral bisection of the weighted graph (each cut splits the images where they share least, into sizes
    proportional to the chunks each side gets).
 4. Overlaps: cores joined by the most verified matches form a maximum spanning tree; along each of its edges one
-   chunk takes K frames of the other's core, those with the most matches to its own core. Further pairs of cores
+   chunk takes K frames of the other's core, one by one the frame with the most matches to the chunk's frames so
+   far (fewer than K when no other frame of that core matches them). Further pairs of cores
    that share many matches (loops: an orbit's last chunk sees its first) get K shared frames too, where a chunk
    has room for them. Every chunk thus holds its core plus shared frames, at most N; the chunks are connected.
 5. Each chunk's first frame, the one VGGT takes as its reference, is the core image with the most matches to the
@@ -48,6 +49,7 @@ from .retrieval import RetrievalConfig
 logger = logging.getLogger(__name__)
 
 MAX_DEFAULT_OVERLAP = 8  # shared frames beyond this add VGGT time more than accuracy to the merge
+GLUE_NEIGHBOURS = 5  # an image is glued by appearance to this many images it looks most like
 
 
 @dataclass
@@ -75,6 +77,8 @@ class ChunkPlan:
     chunks: list[list[str]]
     cores: list[list[str]]
     attached: list[str] = field(default_factory=list)  # images without verified matches, placed by appearance
+    # (S,S) verified matches of every two images, in the order of `names` (for inspection; not in `as_dict`)
+    matches: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def owners(self) -> dict[str, int]:
         """The chunk each image's prediction comes from."""
@@ -95,7 +99,7 @@ class ChunkPlan:
         return sum(len(chunk) for chunk in self.chunks)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {key: value for key, value in dataclasses.asdict(self).items() if key != "matches"}
 
 
 def default_chunk_overlap(size: int) -> int:
@@ -175,7 +179,7 @@ def plan_chunks(
     weights = np.asarray(weights, dtype=np.float64)
     if num <= size:
         order = np.argsort(-weights.sum(axis=1), kind="stable")
-        return ChunkPlan(list(names), [[names[i] for i in order]], [list(names)])
+        return ChunkPlan(list(names), [[names[i] for i in order]], [list(names)], matches=weights)
 
     count, labels = connected_components(weights > 0, directed=False)
     groups = [np.flatnonzero(labels == k) for k in range(count)]
@@ -185,7 +189,7 @@ def plan_chunks(
     if not big:
         raise UserError(f"no two of the {num} images share verified matches: there is nothing to chunk them by")
     if len(big) > 1:
-        raise UserError(_groups_message([[names[i] for i in g] for g in big], len(singletons)))
+        raise UserError(_groups_message([sorted(names[i] for i in g) for g in big], len(singletons)))
     attached = [names[i] for i in singletons]
     if attached:
         logger.warning(
@@ -193,12 +197,17 @@ def plan_chunks(
             "looks most like, and its prediction is VGGT's guess", len(attached), shown_names(attached),
         )  # fmt: skip
 
-    # Appearance glues the images the matches leave apart (and keeps every cut well posed); it is far weaker than
-    # any verified pair.
-    glue = 0.5 * (np.asarray(similarity, dtype=np.float64) + 1.0)
-    np.fill_diagonal(glue, 0.0)
-    glue_scale = 1e-3 * max(weights.max(), 1.0) / max(glue.max(), 1e-12)
-    affinity = weights + glue_scale * glue
+    # Appearance glues the images the matches leave apart, far more weakly than any verified pair: each image to
+    # the images it looks most like (so that one without matches is cut with them), and faintly to all (so that
+    # every cut is well posed).
+    similarity = np.asarray(similarity, dtype=np.float64)
+    looks = 0.5 * (similarity + 1.0)
+    np.fill_diagonal(looks, 0.0)
+    nearest = np.argsort(-looks, axis=1, kind="stable")[:, :GLUE_NEIGHBOURS]
+    glue = np.zeros_like(looks)
+    np.put_along_axis(glue, nearest, np.take_along_axis(looks, nearest, axis=1), axis=1)
+    glue = np.maximum(glue, glue.T) + 1e-3 * looks
+    affinity = weights + 1e-3 * max(weights.max(), 1.0) / max(glue.max(), 1e-12) * glue
     capacity = core_size(size, overlap)
     parts = math.ceil(num / capacity)
     cores = _bisect(np.arange(num), affinity, parts, capacity)
@@ -217,16 +226,20 @@ def plan_chunks(
     members = [list(core) for core in cores]
 
     def borrow(into: int, source: int, count: int) -> int:
-        """Chunk `into` takes up to `count` frames of core `source`: those with the most matches to its core."""
-        own = cores[into]
-        candidates = np.array([i for i in cores[source] if i not in members[into]], dtype=int)
-        if not len(candidates) or count <= 0:
-            return 0
-        score = weights[np.ix_(candidates, own)].sum(axis=1)
-        look = affinity[np.ix_(candidates, own)].sum(axis=1)
-        chosen = candidates[np.lexsort((candidates, -look, -score))[:count]]
-        members[into].extend(int(i) for i in chosen)
-        return len(chosen)
+        """Chunk `into` takes up to `count` frames of core `source`, one at a time: the one with the most matches
+        to the chunk's frames so far (so that VGGT sees each in context), while any has matches (at least one)."""
+        taken = 0
+        while taken < count:
+            candidates = np.array([i for i in cores[source] if i not in members[into]], dtype=int)
+            if not len(candidates):
+                break
+            score = weights[np.ix_(candidates, members[into])].sum(axis=1)
+            if taken and score.max() <= 0:
+                break
+            look = affinity[np.ix_(candidates, members[into])].sum(axis=1)
+            members[into].append(int(candidates[np.lexsort((candidates, -look, -score))[0]]))
+            taken += 1
+        return taken
 
     # Along the tree from its heaviest core: each chunk takes `overlap` frames of its parent's core.
     root = int(np.argmax((between * tree).sum(axis=1)))
@@ -259,7 +272,7 @@ def plan_chunks(
         reference = int(own[: len(core)][np.lexsort((own[: len(core)], -links))[0]])
         ordered = [reference] + sorted(int(i) for i in own if i != reference)
         chunks.append([names[i] for i in ordered])
-    plan = ChunkPlan(list(names), chunks, [[names[i] for i in sorted(core)] for core in cores], attached)
+    plan = ChunkPlan(list(names), chunks, [[names[i] for i in sorted(core)] for core in cores], attached, weights)
     logger.info(
         "%d images in %d chunks of at most %d frames (%d frames in all, %d chunk pairs share frames)",
         num, len(chunks), size, plan.num_frames(), len(plan.edges()),
@@ -316,5 +329,6 @@ def form_chunks(
     ordered = [names[i] for i in order]
     weights, similarity = image_graph(images_dir, ordered, config, progress, executor)
     plan = plan_chunks(ordered, weights, similarity, size, overlap, config.loop_fraction)
-    plan.names = list(names)
+    back = np.argsort(order)  # the matches in the order of `names`
+    plan.names, plan.matches = list(names), weights[np.ix_(back, back)]
     return plan
