@@ -417,11 +417,12 @@ def predict(
         plan = form_chunks(images_dir, names, chunks, chunk_overlap, progress=progress, executor=executor)
         passes, owners = plan.chunks, plan.owners()
         _check_fits(estimate, largest, torch_device, max_frames, len(names), split, plan.num_frames())
-    if model is None:
+    if model is None and isinstance(executor, LocalExecutor):  # elsewhere, each task loads the weights itself
         model = load_model(weights_path, heads=run_heads)
-    elif set(run_heads) - set(model.enabled_heads):
+    elif model is not None and set(run_heads) - set(model.enabled_heads):
         raise UserError(f"the given model lacks the heads {sorted(set(run_heads) - set(model.enabled_heads))}")
-    model = model.to(torch_device).eval()
+    if model is not None:
+        model = model.to(torch_device).eval()
 
     kind = {"window": "overlapping windows", "chunks": "chunks of similar views"}.get(split or "", "")
     if len(passes) > 1:
@@ -432,7 +433,7 @@ def predict(
     start_time = time.perf_counter()
     job = VGGTPass(images_dir, preprocess, grid_size, run_heads, device, dtype, estimate, model, weights_path)
     job._resolved = torch_device, torch_dtype  # here; a remote task resolves `device` on its own machine
-    results = executor.map(job, passes, workers=1, gpu=torch_device.type == "cuda")
+    results = executor.map(job, passes, workers=1, gpu=str(device) != "cpu")
     label = "VGGT windows" if window else "VGGT chunks"
     parts = list(log_progress(results, label, len(passes), progress and len(passes) > 1))
     predictions, report = merge_predictions(parts, owners=owners, order=names, passes=WINDOWS if window else CHUNKS)
