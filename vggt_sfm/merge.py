@@ -74,10 +74,10 @@ CHUNKS = Passes("chunks", "chunk_overlap")
 
 def pixel_points(predictions: Predictions, frame: int, pixels: np.ndarray) -> np.ndarray:
     """World points (N,3) float64 of a frame's depth at the flat pixel indices `pixels`."""
-    points = unproject_depth_map_to_point_map(
+    points = unproject_depth_map_to_point_map(  # copies: arrays a Ray task returned are read-only
         predictions.depth[frame][None].astype(np.float64),
-        predictions.cam_from_world[frame][None],
-        predictions.intrinsics[frame][None],
+        predictions.cam_from_world[frame][None].copy(),
+        predictions.intrinsics[frame][None].copy(),
     )[0]
     return points.reshape(-1, 3)[pixels]
 
