@@ -155,6 +155,13 @@ def test_bad_chunk_options_are_one_line_each(tmp_path, monkeypatch):
     preset = tmp_path / "chunked.toml"
     preset.write_text('extends = "default"\n[predict]\nchunks = 24\nchunk_overlap = 4\n')
     assert (load_preset(preset).predict.chunks, load_preset(preset).predict.chunk_overlap) == (24, 4)
+    with pytest.raises(UserError, match=r"predict.chunk_overlap \(4\) must be below predict.chunks \(4\)"):
+        apply_overrides(load_preset(preset), [(["predict", "chunks"], 4)])
+    # Overrides are checked together: windows instead of the preset's chunks, smaller chunks with a smaller overlap.
+    windowed = apply_overrides(load_preset(preset), [(["predict", "window"], 8), (["predict", "chunks"], 0)])
+    assert (windowed.predict.window, windowed.predict.chunks) == (8, 0)
+    smaller = apply_overrides(load_preset(preset), [(["predict", "chunks"], 4), (["predict", "chunk_overlap"], 1)])
+    assert (smaller.predict.chunks, smaller.predict.chunk_overlap) == (4, 1)
 
 
 def test_the_command_line_names_its_options(tmp_path, capsys):

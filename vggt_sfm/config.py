@@ -186,6 +186,11 @@ def validate_config(config: PipelineConfig, source: str = "config") -> None:
         raise UserError(f"{source}: predict.chunks must be 0 (one pass) or at least 2 frames")
     if config.predict.window_overlap < 0 or config.predict.chunk_overlap < 0:
         raise UserError(f"{source}: predict.window_overlap and predict.chunk_overlap must be >= 0 (0: the default)")
+    if config.predict.chunks and config.predict.chunk_overlap >= config.predict.chunks:
+        raise UserError(
+            f"{source}: predict.chunk_overlap ({config.predict.chunk_overlap}) must be below predict.chunks "
+            f"({config.predict.chunks})"
+        )
     if config.predict.window and config.predict.chunks:
         raise UserError(
             f"{source}: predict.window (sequences, in name order) and predict.chunks (unordered collections) are two "
@@ -249,5 +254,7 @@ def apply_overrides(config: PipelineConfig, overrides: list[tuple[list[str], Any
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}
-        config = config_from_dict(nested, source=source, base=config)
+        config = _update_dataclass(config, nested, "", source)
+    # Checks that span fields see the result of all overrides (one may undo what the preset set with another).
+    validate_config(config, source)
     return config

@@ -13,13 +13,17 @@ of passing on to everything placed after it, and a loop (an orbit whose last chu
 - scales: least squares on their logarithms, with Huber weights;
 - translations: linear least squares at each edge's shared surface (where the edge was measured, so that a
   rotation error does not read as a translation one far from it), in units of that surface's depth.
-Pass 0 is the gauge: its placement is the identity, its predictions are kept unchanged.
+Pass 0 (the first that is not an outlier) is the gauge: its placement is the identity, its predictions are
+kept unchanged.
 
-Edges whose measurement disagrees with the solved placements (an outlier residual, `OUTLIER_RESIDUAL`) are left
-out, so that they cannot bend the model. A pass most of whose edges disagree is an outlier itself (a failed
-prediction): its edges are all left out of the solve, and it is then re-placed from the edges that agree with
-each other, or dropped when none do. Both are logged as warnings and listed in the `MergeReport` (which `predict`
-keeps in the predictions file, `MERGE_REPORT_KEY`).
+Edges whose measurement disagrees with the robustly solved placements (a residual above `OUTLIER_RESIDUAL`, or
+`OUTLIER_SPREAD` times the edges' robust spread) are left out of the final solve, so that they cannot bend the
+model. A disagreeing edge is blamed on the pass with the larger share of disagreeing edges (on neither in a lone
+loop, where nothing tells which side is wrong): a pass blamed for some of its edges is placed from the others
+(`replaced` in the report); a pass blamed for most of them is an outlier (a failed prediction), all its edges are
+left out, and it is placed again from those of its edges that agree with each other (at least two), or dropped
+when none do. Both are logged as warnings and listed in the `MergeReport` (which `predict` keeps in the
+predictions file, `MERGE_REPORT_KEY`).
 
 A frame held by several passes keeps the prediction of one (its owner: the first pass that holds it, unless the
 caller names one), so its depth and camera come from the same pass.
