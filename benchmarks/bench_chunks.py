@@ -66,12 +66,32 @@ def subset(images: Path, gt, count: int, work: Path):
     from vggt_sfm.prior import PriorCameras
 
     chosen = np.sort(np.random.default_rng(VIEW_SEED).permutation(gt.num_images)[:count])
-    folder = work / f"lego{count}"
+    folder = work / f"views{count}"
     folder.mkdir(exist_ok=True)
     for i in chosen:
         shutil.copy(images / gt.image_names[i], folder / gt.image_names[i])
     return folder, PriorCameras([gt.image_names[i] for i in chosen], gt.image_sizes[chosen], gt.cam_from_world[chosen],
                                 gt.intrinsics[chosen])  # fmt: skip
+
+
+def reconstruction_of(images: Path, gt, keep: str | None):
+    """Our reconstruction of the 100 views from a one-pass simulated prior, whose points the simulated depth is
+    rendered from; read from (or written to) the folder `keep` when given."""
+    import pycolmap
+
+    import vggt_sfm
+    from vggt_sfm.evaluation.simulate import simulate_prior
+
+    if keep and (Path(keep) / "images.bin").exists():
+        return pycolmap.Reconstruction(keep)
+    start = time.perf_counter()
+    model = vggt_sfm.run(images, predictions=simulate_prior(gt, level=PRIOR_LEVEL, seed=0), progress=False).reconstruction
+    print(f"depth model: {model.num_reg_images()} images, {model.num_points3D()} points, "
+          f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        model.write(keep)
+    return model
 
 
 def run_views(count: int, images: Path, gt, depth_model, size: int, work: Path, seed: int) -> list[dict]:
@@ -154,19 +174,13 @@ def main() -> int:
     parser.add_argument("--readme", action="store_true", help="write the table into benchmarks/README.md")
     parser.add_argument("--seeds", nargs="+", type=int, default=MODEL_SEEDS, help="simulated VGGT noise draws")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--depth-model", help="folder to keep the reconstruction the depth is rendered from (reused)")
     args = parser.parse_args()
-
-    import vggt_sfm
-    from vggt_sfm.evaluation.simulate import simulate_prior
 
     with tempfile.TemporaryDirectory(prefix="bench_chunks_") as tmp:
         work = Path(tmp)
         images, gt = renamed_set(work)
-        # The depth maps come from a reconstruction of the 100 views, made from a one-pass simulated prior.
-        start = time.perf_counter()
-        depth_model = vggt_sfm.run(images, predictions=simulate_prior(gt, level=PRIOR_LEVEL, seed=0), progress=False).reconstruction
-        print(f"depth model: {depth_model.num_reg_images()} images, {depth_model.num_points3D()} points, "
-              f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+        depth_model = reconstruction_of(images, gt, args.depth_model)
         rows = [row for count in args.views for seed in args.seeds
                 for row in run_views(count, images, gt, depth_model, args.size, work, seed)]  # fmt: skip
     text = table(rows)

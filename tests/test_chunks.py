@@ -50,7 +50,7 @@ def test_chunks_cover_every_image_and_are_connected(temple_plan):
     assert all(set(core) <= set(chunk) for core, chunk in zip(plan.cores, plan.chunks))
     assert plan.chunks[0][0] in plan.cores[0]  # the reference frame is one of the chunk's own images
     assert _connected(len(plan.chunks), plan.edges())
-    assert plan.num_frames() == sum(len(chunk) for chunk in plan.chunks) < 16 + 2 * 2 * len(plan.chunks)
+    assert plan.num_frames() == sum(len(chunk) for chunk in plan.chunks) <= 8 * len(plan.chunks)
 
 
 def test_chunks_hold_views_of_one_part_of_the_scene_and_share_well_matched_frames(temple_plan):

@@ -42,7 +42,7 @@ def test_predict_in_chunks_writes_one_merged_prediction_and_its_report(simulated
     assert main(["predict", "--images", str(IMAGES), "--output", str(output), "--chunks", "5"]) == 0
     assert "wrote" in capsys.readouterr().out
     names = sorted(p.name for p in IMAGES.iterdir())
-    # VGGT ran on chunks of at most 5 frames that cover every image (4 chunks of 3 images of their own + 1 shared).
+    # VGGT ran on chunks of at most 5 frames that cover every image (4 chunks, 3 images of their own each).
     assert len(simulated.calls) == 4 and max(len(c) for c in simulated.calls) <= 5
     assert set().union(*map(set, simulated.calls)) == set(names)
     loaded = load_predictions(output)

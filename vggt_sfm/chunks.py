@@ -19,7 +19,8 @@ How they are formed (`form_chunks`):
    chunk takes K frames of the other's core, one by one the frame with the most matches to the chunk's frames so
    far (fewer than K when no other frame of that core matches them). Further pairs of cores
    that share many matches (loops: an orbit's last chunk sees its first) get K shared frames too, where a chunk
-   has room for them. Every chunk thus holds its core plus shared frames, at most N; the chunks are connected.
+   has room for them. The room left in a chunk goes to more frames of the cores it already shares with (the
+   most matched first). Every chunk thus holds its core plus shared frames, at most N; the chunks are connected.
 5. Each chunk's first frame, the one VGGT takes as its reference, is the core image with the most matches to the
    rest of the chunk.
 
@@ -264,6 +265,20 @@ def plan_chunks(
         count = min(overlap, max(room_a, room_b))
         if count >= math.ceil(overlap / 2):
             borrow(into, source, count)
+
+    # The room left goes to more frames shared with the chunks a chunk already shares with: each placement is then
+    # fitted on more frames (a pass's error per frame averages out over them).
+    for c in range(parts):
+        sharing = [q for q in range(parts) if q != c and (set(members[c]) & set(cores[q]) or set(members[q]) & set(cores[c]))]
+        candidates = [int(i) for q in sharing for i in cores[q]]
+        while len(members[c]) < size:
+            free = np.array([i for i in candidates if i not in members[c]], dtype=int)
+            if not len(free):
+                break
+            score = weights[np.ix_(free, members[c])].sum(axis=1)
+            if score.max() <= 0:
+                break
+            members[c].append(int(free[np.lexsort((free, -score))[0]]))
 
     chunks = []
     for core, members_c in zip(cores, members):

@@ -1,9 +1,10 @@
 """Predictions made in several frames (VGGT windows or chunks) merged into one, by one global solve.
 
 VGGT predicts every pass in a frame of its own (its first camera at the origin, its own scale). Two passes that
-hold the same frames see the same surface there: each shared frame's confident pixels, unprojected with its depth
-and camera in both passes, are corresponding points, and a robust similarity between them (`similarity.
-align_points`) is the pair's relative placement `a_from_b` (`align_pair`). Every pair of passes that shares frames
+hold the same frames see them alike: the ratio of the shared frames' confident depth in the two passes is their
+relative scale, and each shared frame's camera in both passes, at that scale, is a relative placement; their robust
+average is the pair's `a_from_b` (`align_pair`). The shared pixels, unprojected with their depth and camera in both
+passes, are corresponding surface points: how many of them the placement brings together weighs the pair. Every pair of passes that shares frames
 gives one such edge; the passes and their edges form a graph (a path for windows, any connected graph for chunks).
 
 The placements `world_from_pass` are then solved jointly, so that one edge's error spreads over the graph instead
@@ -43,11 +44,11 @@ from scipy.spatial.transform import Rotation
 from .errors import UserError, param
 from .model.geometry import unproject_depth_map_to_point_map
 from .predictions import OPTIONAL_MAPS, Predictions, shown_names
-from .similarity import align_points
 
 logger = logging.getLogger(__name__)
 
-MAX_POINTS_PER_FRAME = 4096  # confident pixels of a shared frame used to fit the similarity
+MAX_POINTS_PER_FRAME = 4096  # confident pixels of a shared frame used to measure the scale and check the fit
+FRAME_DEVIATION_RAD = np.radians(3.0)  # a shared frame whose relative rotation is further from the others' is left out
 INLIER_DEPTH_FRACTION = 0.05  # a correspondence is an inlier within this fraction of the shared frames' median depth
 # Robust weights (Huber) start beyond this residual: radians of rotation, log-scale, or fractions of the shared
 # surface's depth (all about the same: a rotation of r radians moves the surface by r of its depth).
@@ -98,11 +99,12 @@ def usable_pixels(predictions: Predictions, frame: int) -> np.ndarray:
 
 def shared_points(
     reference: Predictions, current: Predictions, names: list[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Corresponding surface points (N,3) of the frames `names` that both predictions hold, from the pixels both
-    predict with confidence: (in current's frame, in reference's frame, their depth (N,) in reference)."""
+    predict with confidence: (in current's frame, in reference's frame, their depth (N,) in reference, and in
+    current)."""
     ref_index, cur_index = reference.index(), current.index()
-    src, tgt, depth = [], [], []
+    src, tgt, depth, current_depth = [], [], [], []
     for name in names:
         i, j = ref_index[name], cur_index[name]
         if reference.depth[i].shape != current.depth[j].shape:
@@ -113,7 +115,8 @@ def shared_points(
         src.append(pixel_points(current, j, pixels))
         tgt.append(pixel_points(reference, i, pixels))
         depth.append(reference.depth[i].reshape(-1)[pixels])
-    return np.concatenate(src), np.concatenate(tgt), np.concatenate(depth)
+        current_depth.append(current.depth[j].reshape(-1)[pixels])
+    return np.concatenate(src), np.concatenate(tgt), np.concatenate(depth), np.concatenate(current_depth)
 
 
 @dataclass
@@ -136,6 +139,35 @@ class PairAlignment:
         return len(self.shared) * self.num_inliers / max(self.num_points, 1)
 
 
+def _camera_similarity(
+    reference: Predictions, current: Predictions, names: list[str], depth: np.ndarray, current_depth: np.ndarray
+) -> pycolmap.Sim3d | None:
+    """reference_from_current from the shared frames: the scale is the ratio of their depth at the same pixels,
+    and each frame's camera in both passes, at that scale, gives a rotation and a translation; the frames whose
+    rotation disagrees with the others' chordal mean are left out, the rest averaged. None when degenerate.
+
+    Why not a similarity fitted to the unprojected surface points: those move with each frame's camera-centre
+    error (a few percent of the scene), which tilts a fit on a small shared surface far more than the cameras'
+    own rotation errors; the depth ratio does not depend on the poses at all.
+    """
+    ratios = np.log(depth / current_depth)
+    scale = float(np.exp(np.median(ratios[np.isfinite(ratios)]))) if np.isfinite(ratios).any() else np.nan
+    if not np.isfinite(scale) or scale <= 0:
+        return None
+    ref_index, cur_index = reference.index(), current.index()
+    ref_poses = reference.cam_from_world[[ref_index[n] for n in names]]
+    cur_poses = current.cam_from_world[[cur_index[n] for n in names]]
+    rotations = np.einsum("sji,sjk->sik", ref_poses[:, :, :3], cur_poses[:, :, :3])  # R_ref^T R_cur per frame
+    mean = _project_rotation(rotations.sum(axis=0))
+    deviation = Rotation.from_matrix(np.einsum("ij,skj->sik", mean, rotations)).magnitude()
+    keep = deviation <= max(FRAME_DEVIATION_RAD, 3.0 * float(np.median(deviation)))
+    rotation = _project_rotation(rotations[keep].sum(axis=0))
+    ref_centres = -np.einsum("sji,sj->si", ref_poses[:, :, :3], ref_poses[:, :, 3])
+    cur_centres = -np.einsum("sji,sj->si", cur_poses[:, :, :3], cur_poses[:, :, 3])
+    translation = (ref_centres[keep] - scale * cur_centres[keep] @ rotation.T).mean(axis=0)
+    return pycolmap.Sim3d(scale, pycolmap.Rotation3d(rotation), translation)
+
+
 def align_pair(
     reference: Predictions, current: Predictions, passes: Passes = CHUNKS, a: int = 0, b: int = 1
 ) -> PairAlignment:
@@ -150,7 +182,7 @@ def align_pair(
     names = [name for name in current.image_names if name in ref_names]
     if not names:
         raise ValueError(f"the {passes.noun} share no frame")
-    src, tgt, depth = shared_points(reference, current, names)
+    src, tgt, depth, current_depth = shared_points(reference, current, names)
     if len(src) < 3:
         raise UserError(
             f"{passes.noun} sharing {shown_names(names)} have fewer than 3 pixels with a confident depth in both; "
@@ -158,13 +190,14 @@ def align_pair(
         )
     median_depth = float(np.median(depth))
     inlier_distance = INLIER_DEPTH_FRACTION * median_depth
-    sim, num_inliers = align_points(src, tgt, inlier_distance)
+    sim = _camera_similarity(reference, current, names, depth, current_depth)
     if sim is None:
         raise UserError(
             f"{passes.noun} sharing {shown_names(names)} cannot be aligned (degenerate depth); use a larger "
             f"{param(passes.overlap_option)}"
         )
     inliers = np.linalg.norm(sim * src - tgt, axis=1) <= inlier_distance
+    num_inliers = int(np.count_nonzero(inliers))
     centre = (src[inliers] if inliers.any() else src).mean(axis=0)
     logger.debug(
         "%s %d and %d aligned on %d frames, %d of %d points inliers, scale %.4g",
