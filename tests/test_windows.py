@@ -8,13 +8,12 @@ its own frame. Chained, they must give the ground-truth cameras back as well as 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import numpy as np
 import pycolmap
 import pytest
-from scipy.spatial.transform import Rotation
+from surface_scenes import plane_model, random_frame, shaken
 
 from vggt_sfm.errors import UserError
 from vggt_sfm.evaluation.metrics import evaluate, rotation_errors_deg
@@ -41,35 +40,9 @@ def test_window_ranges():
             window_ranges(10, window, overlap)
 
 
-@functools.lru_cache(maxsize=None)
 def _surface_model() -> pycolmap.Reconstruction:
     """The fern ground truth plus 3D points: a bumpy surface in front of the cameras, observed where in view."""
-    rng = np.random.default_rng(0)
-    model = pycolmap.Reconstruction(str(FERN))
-    images = [model.images[i] for i in sorted(model.images)]
-    centers = np.array([im.projection_center() for im in images])
-    axis = np.mean([im.viewing_direction() for im in images], axis=0)
-    axis /= np.linalg.norm(axis)
-    depth = 10.0 * np.linalg.norm(centers - centers.mean(axis=0), axis=1).max()
-    # A plane across the view at `depth`, with bumps of 10 % of it, sampled wider than any camera's view.
-    side = np.cross(axis, [0.0, 1.0, 0.0])
-    side /= np.linalg.norm(side)
-    up = np.cross(axis, side)
-    ab = rng.uniform(-1.0, 1.0, size=(6000, 2)) * depth
-    bumps = 0.1 * depth * np.sin(3.0 * ab[:, :1] / depth) * np.cos(2.0 * ab[:, 1:] / depth)
-    points = centers.mean(axis=0) + (depth + bumps) * axis + ab[:, :1] * side + ab[:, 1:] * up
-    elements: list[list[pycolmap.TrackElement]] = [[] for _ in points]
-    for image in images:
-        camera = model.cameras[image.camera_id]
-        xy = camera.img_from_cam(image.cam_from_world() * points)
-        inside = np.flatnonzero((xy[:, 0] >= 0) & (xy[:, 0] < camera.width) & (xy[:, 1] >= 0) & (xy[:, 1] < camera.height))
-        image.points2D = pycolmap.Point2DList([pycolmap.Point2D(p) for p in xy[inside]])
-        for keypoint, point in enumerate(inside):
-            elements[point].append(pycolmap.TrackElement(image.image_id, keypoint))
-    for xyz, track in zip(points, elements):
-        if len(track) >= 3:
-            model.add_point3D(xyz, pycolmap.Track(track))
-    return model
+    return plane_model(FERN)
 
 
 def _windowed(predictions: Predictions, ranges, seed: int, extra_rotation_deg: float = 0.0) -> list[Predictions]:
@@ -79,17 +52,8 @@ def _windowed(predictions: Predictions, ranges, seed: int, extra_rotation_deg: f
     for start, stop in ranges:
         window = predictions.subset(predictions.image_names[start:stop])
         if extra_rotation_deg:
-            poses = window.cam_from_world.copy()
-            for pose in poses:
-                delta = Rotation.from_rotvec(rng.normal(size=3) * np.radians(extra_rotation_deg) / np.sqrt(3)).as_matrix()
-                center = -pose[:, :3].T @ pose[:, 3]
-                pose[:, :3] = delta @ pose[:, :3]
-                pose[:, 3] = -pose[:, :3] @ center
-            window = dataclasses.replace(window, cam_from_world=poses)
-        frame = pycolmap.Sim3d(
-            float(np.exp(rng.uniform(-2, 2))), pycolmap.Rotation3d(Rotation.random(random_state=rng).as_matrix()), rng.normal(size=3)
-        )
-        windows.append(transform_predictions(window, frame))
+            window = shaken(window, extra_rotation_deg, rng)
+        windows.append(transform_predictions(window, random_frame(rng)))
     return windows
 
 

@@ -50,6 +50,8 @@ RECONSTRUCT_OVERRIDES: dict[str, str] = {
     "dtype": "predict.dtype",
     "window": "predict.window",
     "window_overlap": "predict.window_overlap",
+    "chunks": "predict.chunks",
+    "chunk_overlap": "predict.chunk_overlap",
     "prior": "prior",
     "backend": "backend.name",
     "ray_address": "backend.address",
@@ -69,6 +71,8 @@ PARAMETER_OPTIONS: dict[str, str] = {
     "heads": "--heads",
     "window": "--window",
     "window_overlap": "--window-overlap",
+    "chunks": "--chunks",
+    "chunk_overlap": "--chunk-overlap",
     **{path: "--" + name.replace("_", "-") for name, path in RECONSTRUCT_OVERRIDES.items() if name not in ("ba", "report")},
 }
 _PARAM = re.compile(r"`([\w.]+)(?:=([^`]*))?`")
@@ -110,8 +114,10 @@ def _add_weights(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess", choices=["crop", "pad"], default=None, help="VGGT input preprocessing (default: crop)")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto, a GPU when there is one)")
     parser.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default: auto, bfloat16 on a GPU)")
-    parser.add_argument("--window", type=int, default=None, help="run VGGT on overlapping windows of N frames (when all frames do not fit)")
+    parser.add_argument("--window", type=int, default=None, help="run VGGT on overlapping windows of N consecutive frames in name order, for sequences (when all frames do not fit)")
     parser.add_argument("--window-overlap", type=int, default=None, help="frames shared by consecutive windows (default: a quarter of --window)")
+    parser.add_argument("--chunks", type=int, default=None, help="run VGGT on chunks of at most N images that see the same scene, for unordered collections (when all frames do not fit)")
+    parser.add_argument("--chunk-overlap", type=int, default=None, help="frames shared by neighbouring chunks (default: a fifth of --chunks, at most 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--heads", default="camera,depth", help="heads to run: camera,depth[,point,track]")
     pred.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     _add_weights(pred)
+    pred.add_argument("--backend", choices=["local", "ray"], default="local", help="where the VGGT passes (windows, chunks) and the chunks' image matching run: this process, or Ray tasks")
+    pred.add_argument("--ray-address", help="Ray cluster to join, host:port or auto (default: a private Ray instance on this machine)")
     _add_common(pred)
 
     pipes = sub.add_parser("pipelines", help="list the pipeline presets", formatter_class=_HelpFormatter)
@@ -265,6 +273,7 @@ def _report_reconstruction(result, as_json: bool) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from .executor import BackendConfig, open_executor
     from .predict import predict
 
     output = Path(args.output)
@@ -273,18 +282,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if output.suffix != ".npz":
         raise UserError(f"--output {output} must end in .npz")
     heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
-    predictions = predict(
-        args.images,
-        output=output,
-        weights=args.weights,
-        download=args.download,
-        device=args.device or "auto",
-        dtype=args.dtype or "auto",
-        preprocess=args.preprocess or "crop",
-        heads=heads,
-        window=args.window or 0,
-        window_overlap=args.window_overlap or 0,
-    )
+    with open_executor(BackendConfig(name=args.backend, address=args.ray_address)) as executor:
+        predictions = predict(
+            args.images,
+            output=output,
+            weights=args.weights,
+            download=args.download,
+            device=args.device or "auto",
+            dtype=args.dtype or "auto",
+            preprocess=args.preprocess or "crop",
+            heads=heads,
+            window=args.window or 0,
+            window_overlap=args.window_overlap or 0,
+            chunks=args.chunks or 0,
+            chunk_overlap=args.chunk_overlap or 0,
+            executor=executor,
+        )
     print(f"wrote {output}: {predictions.num_frames} frames")
     return 0
 

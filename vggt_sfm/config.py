@@ -52,8 +52,10 @@ class PredictConfig:
     preprocess: str = "crop"  # "crop" | "pad", as the official loader
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "float32" | "bfloat16" | "float16"
-    window: int = 0  # 0: all frames in one pass; N >= 2: overlapping windows of N frames (for more than fit)
+    window: int = 0  # 0: all frames in one pass; N >= 2: overlapping windows of N frames in name order (sequences)
     window_overlap: int = 0  # frames shared by consecutive windows; 0: a quarter of the window
+    chunks: int = 0  # N >= 2: chunks of at most N images that see the same scene (unordered collections)
+    chunk_overlap: int = 0  # frames shared by neighbouring chunks; 0: a fifth of the chunk, at most 8
 
 
 @dataclass
@@ -180,6 +182,20 @@ def validate_config(config: PipelineConfig, source: str = "config") -> None:
         raise UserError(f"{source}: backend.name must be one of {', '.join(BACKENDS)}, got {config.backend.name!r}")
     if config.predict.window == 1 or config.predict.window < 0:
         raise UserError(f"{source}: predict.window must be 0 (one pass) or at least 2 frames")
+    if config.predict.chunks == 1 or config.predict.chunks < 0:
+        raise UserError(f"{source}: predict.chunks must be 0 (one pass) or at least 2 frames")
+    if config.predict.window_overlap < 0 or config.predict.chunk_overlap < 0:
+        raise UserError(f"{source}: predict.window_overlap and predict.chunk_overlap must be >= 0 (0: the default)")
+    if config.predict.chunks and config.predict.chunk_overlap >= config.predict.chunks:
+        raise UserError(
+            f"{source}: predict.chunk_overlap ({config.predict.chunk_overlap}) must be below predict.chunks "
+            f"({config.predict.chunks})"
+        )
+    if config.predict.window and config.predict.chunks:
+        raise UserError(
+            f"{source}: predict.window (sequences, in name order) and predict.chunks (unordered collections) are two "
+            "ways to split the frames; set one of them to 0"
+        )
 
 
 def list_presets() -> dict[str, str]:
@@ -238,5 +254,7 @@ def apply_overrides(config: PipelineConfig, overrides: list[tuple[list[str], Any
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}
-        config = config_from_dict(nested, source=source, base=config)
+        config = _update_dataclass(config, nested, "", source)
+    # Checks that span fields see the result of all overrides (one may undo what the preset set with another).
+    validate_config(config, source)
     return config

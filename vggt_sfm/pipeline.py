@@ -240,7 +240,10 @@ def _source(predictions: Predictions | str | Path | None) -> str:
     return str(predictions) if isinstance(predictions, (str, Path)) else "given"
 
 
-def _predict(images_dir: Path, config: PipelineConfig, weights: str | Path | None, download: bool, progress: bool) -> Predictions:
+def _predict(
+    images_dir: Path, config: PipelineConfig, weights: str | Path | None, download: bool, progress: bool,
+    executor: Executor | None = None,
+) -> Predictions:  # fmt: skip
     from .predict import predict
 
     return predict(
@@ -253,6 +256,9 @@ def _predict(images_dir: Path, config: PipelineConfig, weights: str | Path | Non
         progress=progress,
         window=config.predict.window,
         window_overlap=config.predict.window_overlap,
+        chunks=config.predict.chunks,
+        chunk_overlap=config.predict.chunk_overlap,
+        executor=executor,
     )
 
 
@@ -357,7 +363,7 @@ def _run_stages(
             if loaded is None:
                 key = stage_key("predictions", fingerprint, config.predict)
                 loaded, was_cached = cache.get_or_compute(
-                    key, lambda: _predict(images_dir, config, weights, download, progress)
+                    key, lambda: _predict(images_dir, config, weights, download, progress, executor)
                 )
                 if was_cached:
                     timer.cached.append("predictions")

@@ -5,6 +5,11 @@ the run needs and refuses before starting when the frames will not fit, runs the
 under `torch.inference_mode()`, decodes the cameras at the prediction-grid size and returns (and optionally
 saves) a `Predictions`.
 
+For more frames than fit in one pass: windows of consecutive frames in name order (`window`, for sequences;
+`vggt_sfm.windows`) or chunks of images that see the same scene (`chunks`, for unordered collections;
+`vggt_sfm.chunks`). Each pass (a window or a chunk) is one job of an `Executor` (this process, or a Ray task), and
+the passes are merged into one frame by one global solve (`vggt_sfm.merge`).
+
 Precision: on CUDA the aggregator runs under bf16 autocast (fp16 on GPUs older than compute capability 8),
 on CPU in fp32; `dtype="bfloat16"` opts into bf16 autocast on CPU too. The heads always run in fp32 (the model
 turns autocast off for them).
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import UserError, param
+from .executor import Executor, LocalExecutor
 from .images import list_images, scan_images
 from .log import progress as log_progress
 from .predictions import Predictions, save_predictions, vggt_grid_from_image
@@ -201,11 +207,16 @@ def estimate_memory(
     )
 
 
+SPLITS = {"window": ("a window", "window"), "chunks": ("a chunk", "chunks")}  # how messages name a pass, its option
+
+
 def _check_fits(
-    estimate: MemoryEstimate, num_frames: int, device: torch.device, max_frames: int | None, total_frames: int
-) -> None:
+    estimate: MemoryEstimate, num_frames: int, device: torch.device, max_frames: int | None, total_frames: int,
+    split: str | None = None, held_frames: int | None = None,
+) -> None:  # fmt: skip
     """Refuse (UserError) when `total_frames` exceed `max_frames`, or when passes over `num_frames` frames (windows
-    when fewer than `total_frames`) exceed the free memory."""
+    or chunks, `split`, when fewer than `total_frames`) exceed the free memory. `held_frames`: the frames whose maps
+    are kept until the passes are merged (every pass's; default `total_frames`)."""
     gb = 2.0**30
     if max_frames is not None:
         if total_frames > max_frames:
@@ -214,27 +225,34 @@ def _check_fits(
     fit = estimate.max_frames()
     if fit is None:
         return
-    windowed = num_frames < total_frames
+    split = split if num_frames < total_frames else None
     gpu_hint = " or use a GPU" if device.type == "cpu" else ""
     if num_frames > fit:
-        what = f"a window of {num_frames} frames needs" if windowed else f"{num_frames} frames need"
-        hint = f"; use a smaller {param('window')} (at most {fit})" if windowed else "; pass fewer images"
-        if not windowed and fit >= 2:
-            hint += f" or predict in overlapping windows ({param('window', fit)})"
+        if split is not None:
+            what, option = SPLITS[split]
+            what = f"{what} of {num_frames} frames needs"
+            hint = f"; use a smaller {param(option)} (at most {fit})"
+        else:
+            what, hint = f"{num_frames} frames need", "; pass fewer images"
+            if fit >= 2:
+                hint += (f" or predict in overlapping windows ({param('window', fit)}) or chunks of similar views "
+                         f"({param('chunks', fit)})")  # fmt: skip
         raise UserError(
             f"{what} about {estimate.needed(num_frames) / gb:.1f} GB for VGGT on {device}, "
             f"but {estimate.available / gb:.1f} GB are free: about {fit} frames fit{hint}{gpu_hint}"
         )
-    needed = estimate.needed(num_frames, total_frames)
+    held = held_frames or total_frames
+    needed = estimate.needed(num_frames, held)
     if needed > estimate.available * USABLE_FRACTION:
+        kind = "windows" if split == "window" else "chunks"
         raise UserError(
-            f"windows of {num_frames} frames over {total_frames} images need about {needed / gb:.1f} GB on {device} "
+            f"{kind} of {num_frames} frames over {total_frames} images need about {needed / gb:.1f} GB on {device} "
             f"(the depth maps of every frame are kept), but {estimate.available / gb:.1f} GB are free; "
             f"pass fewer images{gpu_hint}"
         )
     logger.info(
         "VGGT on %d frames needs about %.1f GB of %.1f GB free on %s (up to about %d frames fit in one pass)",
-        total_frames, needed / gb, estimate.available / gb, device, fit,
+        held, needed / gb, estimate.available / gb, device, fit,
     )
 
 
@@ -275,6 +293,56 @@ def _check_finite(arrays: dict[str, np.ndarray], names: list[str]) -> None:
             )
 
 
+class VGGTPass:
+    """VGGT over one set of frames (one pass: all frames, a window or a chunk), as an executor's job: reads and
+    preprocesses its images onto the common prediction grid, runs the model, returns the pass's Predictions.
+
+    Picklable for a remote executor: a model loaded from `weights_path` is not sent but loaded again, once per
+    task, where it runs (the images folder must be at the same path there); a model given as an object is sent.
+    Device and precision are resolved where it runs ("auto": that machine's GPU).
+    """
+
+    def __init__(
+        self, images_dir: Path, preprocess: str, grid_size: tuple[int, int], heads: tuple[str, ...], device: str,
+        dtype: str, estimate: MemoryEstimate, model: torch.nn.Module | None = None, weights_path: Path | None = None,
+    ) -> None:  # fmt: skip
+        self.images_dir, self.preprocess, self.grid_size, self.heads = images_dir, preprocess, grid_size, heads
+        self.device, self.dtype, self.estimate = device, dtype, estimate
+        self.model, self.weights_path = model, weights_path
+        self._resolved: tuple[torch.device, torch.dtype] | None = None
+
+    def __getstate__(self) -> dict:
+        state = {**self.__dict__, "_resolved": None}
+        if self.weights_path is not None:
+            state["model"] = None
+        return state
+
+    def __call__(self, names: list[str]) -> Predictions:
+        from .model.preprocess import preprocess_images
+        from .model.weights import load_model
+
+        if self._resolved is None:
+            device = resolve_device(self.device)
+            self._resolved = device, resolve_dtype(self.dtype, device)
+        device, dtype = self._resolved
+        if self.model is None:
+            self.model = load_model(self.weights_path, heads=self.heads)
+        self.model = self.model.to(device).eval()
+        batch = preprocess_images([self.images_dir / name for name in names], self.preprocess, grid_size=self.grid_size)
+        arrays = _run_checked(self.model, batch.images, self.heads, device, dtype, self.estimate)
+        _check_finite(arrays, names)
+        return Predictions(
+            image_names=list(names),
+            cam_from_world=arrays["extrinsic"],
+            intrinsics=arrays["intrinsic"],
+            grid_from_image=batch.grid_from_image,
+            depth=arrays.get("depth"),
+            depth_conf=arrays.get("depth_conf"),
+            world_points=arrays.get("world_points"),
+            world_points_conf=arrays.get("world_points_conf"),
+        )
+
+
 def predict(
     images_dir: Path | str,
     output: Path | str | None = None,
@@ -289,70 +357,89 @@ def predict(
     progress: bool = True,
     window: int = 0,
     window_overlap: int = 0,
+    chunks: int = 0,
+    chunk_overlap: int = 0,
+    executor: Executor | None = None,
 ) -> Predictions:
     """VGGT predictions (cameras, depth; point maps on request) for every readable image of `images_dir`.
 
     Frames are the images in sorted name order; unreadable images are skipped with a warning. `weights` and
     `download` choose the checkpoint (see `vggt_sfm.model.weights`); `model` passes a ready VGGT instead.
-    All frames go through one pass, unless `window` > 0: then VGGT runs on windows of that many consecutive
-    frames, consecutive windows sharing `window_overlap` frames (0: a quarter of the window), and the windows
-    are chained into one frame by their shared depth (`vggt_sfm.windows`; needs the depth head).
-    Refuses (UserError) before running when the frames (or a window) will not fit in memory, or more than
+    All frames go through one pass, unless:
+    - `window` > 0 (sequences): VGGT runs on windows of that many consecutive frames, consecutive windows sharing
+      `window_overlap` frames (0: a quarter of the window; `vggt_sfm.windows`);
+    - `chunks` > 0 (unordered collections): VGGT runs on chunks of at most that many images that see the same
+      scene, formed from the images' content (not their names), neighbouring chunks sharing `chunk_overlap`
+      frames (0: a fifth of the chunk, at most 8; `vggt_sfm.chunks`).
+    The passes are merged into one frame by their shared frames' depth (`vggt_sfm.merge`; needs the depth head);
+    the merge's report (chunks dropped as outliers, ...) is in the result's `extras["merge_report"]` (JSON).
+    `executor` runs the passes (default: this process; a `RayExecutor` runs them as Ray tasks).
+    Refuses (UserError) before running when the frames (or a pass) will not fit in memory, or more than
     `max_frames` are given. With `output`, the predictions file is also written there.
     """
+    from .chunks import check_chunk_options, form_chunks
+    from .merge import CHUNKS, WINDOWS, merge_predictions
     from .model import VGGTConfig
-    from .model.preprocess import preprocess_images
-    from .model.weights import load_model
-    from .windows import chain_windows, default_overlap, window_ranges
+    from .model.weights import find_weights, load_model
+    from .windows import default_overlap, window_ranges
 
     images_dir = Path(images_dir)
     run_heads = parse_heads(heads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if window and "depth" not in run_heads:
-        raise UserError(f"predicting in windows needs the depth head (windows are aligned by their depth); add depth to {param('heads')}")
+    if window and chunks:
+        raise UserError(
+            f"{param('window')} (sequences, in name order) and {param('chunks')} (unordered collections) are two "
+            "ways to split the frames; choose one"
+        )
+    split = "window" if window else "chunks" if chunks else None
+    if split and "depth" not in run_heads:
+        noun = "windows" if window else "chunks"
+        raise UserError(f"predicting in {noun} needs the depth head ({noun} are aligned by their depth); add depth to {param('heads')}")
     infos = scan_images(images_dir, list_images(images_dir), min_images=1)
     names = [info.name for info in infos]
     _, grid_size = vggt_grid_from_image([(info.width, info.height) for info in infos], preprocess)
-    ranges = [(0, len(names))]
+    passes = [names]
     if window:
-        ranges = window_ranges(len(names), window, window_overlap or default_overlap(window))
+        passes = [names[start:stop] for start, stop in window_ranges(len(names), window, window_overlap or default_overlap(window))]
+    elif chunks:
+        chunk_overlap = check_chunk_options(chunks, chunk_overlap)
 
     config = getattr(model, "config", None) or VGGTConfig()
     estimate = estimate_memory(config, grid_size, run_heads, torch_device, weights_loaded=model is not None)
-    largest = max(stop - start for start, stop in ranges)
-    _check_fits(estimate, largest, torch_device, max_frames, len(names))
+    largest = min(chunks, len(names)) if chunks else max(len(p) for p in passes)
+    _check_fits(estimate, largest, torch_device, max_frames, len(names), split, sum(len(p) for p in passes))
+    weights_path = find_weights(weights, download) if model is None else None
 
-    if model is None:
-        model = load_model(weights, download, heads=run_heads)
-    elif set(run_heads) - set(model.enabled_heads):
+    executor = executor or LocalExecutor()
+    owners = None
+    if chunks and len(names) > chunks:
+        plan = form_chunks(images_dir, names, chunks, chunk_overlap, progress=progress, executor=executor)
+        passes, owners = plan.chunks, plan.owners()
+        _check_fits(estimate, largest, torch_device, max_frames, len(names), split, plan.num_frames())
+    if model is None and isinstance(executor, LocalExecutor):  # elsewhere, each task loads the weights itself
+        model = load_model(weights_path, heads=run_heads)
+    elif model is not None and set(run_heads) - set(model.enabled_heads):
         raise UserError(f"the given model lacks the heads {sorted(set(run_heads) - set(model.enabled_heads))}")
-    model = model.to(torch_device).eval()
-    batch = preprocess_images([images_dir / name for name in names], preprocess, progress=progress)
+    if model is not None:
+        model = model.to(torch_device).eval()
 
-    if len(ranges) > 1:
-        logger.info("running VGGT on %d frames of %dx%d in %d overlapping windows of %d (%s, %s)",
-                    len(names), *grid_size, len(ranges), largest, torch_device, torch_dtype)  # fmt: skip
+    kind = {"window": "overlapping windows", "chunks": "chunks of similar views"}.get(split or "", "")
+    if len(passes) > 1:
+        logger.info("running VGGT on %d frames of %dx%d in %d %s of up to %d (%s, %s)",
+                    len(names), *grid_size, len(passes), kind, largest, torch_device, torch_dtype)  # fmt: skip
     else:
         logger.info("running VGGT on %d frames of %dx%d (%s, %s)", len(names), *grid_size, torch_device, torch_dtype)
     start_time = time.perf_counter()
-
-    def run_windows() -> Iterator[Predictions]:
-        for start, stop in log_progress(ranges, "VGGT windows", len(ranges), progress and len(ranges) > 1):
-            arrays = _run_checked(model, batch.images[start:stop], run_heads, torch_device, torch_dtype, estimate)
-            _check_finite(arrays, names[start:stop])
-            yield Predictions(
-                image_names=names[start:stop],
-                cam_from_world=arrays["extrinsic"],
-                intrinsics=arrays["intrinsic"],
-                grid_from_image=batch.grid_from_image[start:stop],
-                depth=arrays.get("depth"),
-                depth_conf=arrays.get("depth_conf"),
-                world_points=arrays.get("world_points"),
-                world_points_conf=arrays.get("world_points_conf"),
-            )
-
-    predictions = chain_windows(run_windows())
+    job = VGGTPass(images_dir, preprocess, grid_size, run_heads, device, dtype, estimate, model, weights_path)
+    job._resolved = torch_device, torch_dtype  # here; a remote task resolves `device` on its own machine
+    results = executor.map(job, passes, workers=1, gpu=str(device) != "cpu")
+    label = "VGGT windows" if window else "VGGT chunks"
+    parts = list(log_progress(results, label, len(passes), progress and len(passes) > 1))
+    predictions, report = merge_predictions(parts, owners=owners, order=names, passes=WINDOWS if window else CHUNKS)
+    if report.dropped:
+        logger.warning("VGGT %s left out of the merge (they disagree with their neighbours): %s",
+                       "windows" if window else "chunks", ", ".join(map(str, report.dropped)))  # fmt: skip
     logger.info("VGGT took %.1f s", time.perf_counter() - start_time)
     if output is not None:
         save_predictions(predictions, output)
@@ -375,5 +462,5 @@ def _run_checked(
         raise UserError(
             f"{device} ran out of memory running VGGT on {len(images)} frames"
             + (f" (about {fit} should fit)" if fit is not None else "")
-            + f"; pass fewer images or a smaller {param('window')}"
+            + f"; pass fewer images or a smaller {param('window')} or {param('chunks')}"
         ) from None

@@ -404,6 +404,9 @@ def save_predictions(predictions: Predictions, path: Path | str) -> None:
         value = getattr(predictions, key)
         if value is not None:
             arrays[key] = value.astype(np.float32)
+    for key, value in predictions.extras.items():  # e.g. the merge report of chunked predictions (a JSON string)
+        if key not in arrays and isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            arrays[key] = value
     tmp = path.with_name(path.name + ".partial.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)

@@ -103,7 +103,7 @@ def vlad(descriptors: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
     words = torch.from_numpy(np.ascontiguousarray(vocabulary, dtype=np.float32))
     vector = torch.zeros_like(words)
     if len(descriptors):
-        points = torch.from_numpy(np.ascontiguousarray(descriptors, dtype=np.float32))
+        points = torch.from_numpy(np.require(descriptors, dtype=np.float32, requirements=["C", "W"]))  # a Ray result is read-only
         with torch.inference_mode():
             labels = _assign(points, words)
             vector = _sum_by_label(points - words[labels], labels, len(words))

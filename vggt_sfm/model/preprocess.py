@@ -70,10 +70,12 @@ def _paste_centred(chw: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def preprocess_images(
-    paths: Sequence[Path | str], mode: str = "crop", progress: bool = False
+    paths: Sequence[Path | str], mode: str = "crop", progress: bool = False, grid_size: tuple[int, int] | None = None
 ) -> PreprocessedImages:
     """Read images and build VGGT's input tensor (S,3,H,W) plus `grid_from_image` for each image.
 
+    `grid_size` (width, height), at least every frame's size: the canvas the frames are centred on, as when these
+    images are part of a larger set (a VGGT window or chunk of a collection); default: the largest of these.
     Raises UserError for an unknown mode or an image that cannot be read.
     """
     if not paths:
@@ -85,7 +87,15 @@ def preprocess_images(
         sizes.append((image.shape[1], image.shape[0]))
         frames.append(resize_image(image, mode))
     grid_from_image, (grid_w, grid_h) = vggt_grid_from_image(sizes, mode)
-
+    if grid_size is not None and (grid_w, grid_h) != tuple(grid_size):
+        if grid_size[0] < grid_w or grid_size[1] < grid_h:
+            raise ValueError(f"grid {grid_size} is smaller than the frames' {grid_w}x{grid_h}")
+        # Each frame centred on the larger canvas, as `vggt_grid_from_image` centres it among a larger set.
+        grid_w, grid_h = grid_size
+        for k, (size, frame) in enumerate(zip(sizes, frames)):
+            grid_from_image[k] = vggt_grid_from_image([size], mode)[0][0]
+            grid_from_image[k, 0, 2] += (grid_w - frame.shape[2]) // 2
+            grid_from_image[k, 1, 2] += (grid_h - frame.shape[1]) // 2
     shapes = sorted({f.shape[1:] for f in frames})
     if len(shapes) > 1:
         logger.warning(
