@@ -248,3 +248,23 @@ def test_chunks_that_cannot_be_tied_together_are_refused(exact):
     depth[0] = 0.0  # the one shared frame has no depth in the second chunk
     with pytest.raises(UserError, match=r"chunks sharing .* fewer than 3 pixels .* larger `chunk_overlap`"):
         merge_predictions([parts[0], dataclasses.replace(parts[1], depth=depth)])
+
+
+def test_shared_frames_can_take_the_mean_of_their_placed_cameras(exact):
+    """With `average_shared` (as chunks merge), a frame two chunks hold gets the mean of its two placed cameras:
+    exact chunks stay exact, and with noise of their own the shared frames come out nearer the truth."""
+    chunks = _ring(_orbit(), 7, 5)
+    shared = sorted({n for a in range(5) for n in set(chunks[a]) & set(chunks[(a + 1) % 5])})
+    parts, _ = _chunks(exact, chunks, seed=10)
+    merged, _ = merge_predictions(parts, order=exact.image_names, average_shared=True)
+    assert _rotation_errors_deg(merged, exact).max() < 1e-5
+    rng = np.random.default_rng(11)
+    parts = [shaken(part, 1.0, rng) for part in parts]
+    # The truth in chunk 0's frame (the merged predictions' frame): the first frame `_chunks` drew.
+    truth = transform_predictions(exact, random_frame(np.random.default_rng(10))).subset(shared)
+    errors = {}
+    for average in (False, True):
+        merged, _ = merge_predictions(parts, order=exact.image_names, average_shared=average)
+        estimate = merged.subset(shared)
+        errors[average] = np.mean(rotation_errors_deg(estimate.cam_from_world[:, :, :3], truth.cam_from_world[:, :, :3]))
+    assert errors[True] < 0.95 * errors[False]  # measured: 0.94 vs 1.08 degrees (the placements share some error)

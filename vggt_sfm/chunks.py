@@ -226,21 +226,20 @@ def plan_chunks(
     tree = tree | tree.T
     members = [list(core) for core in cores]
 
-    def borrow(into: int, source: int, count: int) -> int:
-        """Chunk `into` takes up to `count` frames of core `source`, one at a time: the one with the most matches
-        to the chunk's frames so far (so that VGGT sees each in context), while any has matches (at least one)."""
-        taken = 0
-        while taken < count:
-            candidates = np.array([i for i in cores[source] if i not in members[into]], dtype=int)
+    def borrow(into: int, sources: list[int], count: int, first_unmatched: bool = True) -> None:
+        """Chunk `into` takes up to `count` frames of the cores `sources`, one at a time: the one with the most
+        matches to the chunk's frames so far (so that VGGT sees each in context), while any has matches (the
+        first regardless, with `first_unmatched`: a spanning-tree edge must share a frame)."""
+        pool = [int(i) for q in sources for i in cores[q]]
+        for taken in range(count):
+            candidates = np.array([i for i in pool if i not in members[into]], dtype=int)
             if not len(candidates):
-                break
+                return
             score = weights[np.ix_(candidates, members[into])].sum(axis=1)
-            if taken and score.max() <= 0:
-                break
+            if score.max() <= 0 and (taken or not first_unmatched):
+                return
             look = affinity[np.ix_(candidates, members[into])].sum(axis=1)
             members[into].append(int(candidates[np.lexsort((candidates, -look, -score))[0]]))
-            taken += 1
-        return taken
 
     # Along the tree from its heaviest core: each chunk takes `overlap` frames of its parent's core.
     root = int(np.argmax((between * tree).sum(axis=1)))
@@ -252,7 +251,7 @@ def plan_chunks(
             if child not in seen:
                 seen.add(child)
                 queue.append(child)
-                borrow(child, parent, overlap)
+                borrow(child, [parent], overlap)
                 tree_weights.append(between[parent, child])
     # Loops: the strongest other pairs of cores, where one of the two chunks has room for at least half an overlap.
     least = loop_fraction * float(np.median(tree_weights)) if tree_weights else np.inf
@@ -264,21 +263,13 @@ def plan_chunks(
         into, source = (a, b) if room_a >= room_b else (b, a)
         count = min(overlap, max(room_a, room_b))
         if count >= math.ceil(overlap / 2):
-            borrow(into, source, count)
+            borrow(into, [source], count)
 
     # The room left goes to more frames shared with the chunks a chunk already shares with: each placement is then
     # fitted on more frames (a pass's error per frame averages out over them).
     for c in range(parts):
         sharing = [q for q in range(parts) if q != c and (set(members[c]) & set(cores[q]) or set(members[q]) & set(cores[c]))]
-        candidates = [int(i) for q in sharing for i in cores[q]]
-        while len(members[c]) < size:
-            free = np.array([i for i in candidates if i not in members[c]], dtype=int)
-            if not len(free):
-                break
-            score = weights[np.ix_(free, members[c])].sum(axis=1)
-            if score.max() <= 0:
-                break
-            members[c].append(int(free[np.lexsort((free, -score))[0]]))
+        borrow(c, sharing, size - len(members[c]), first_unmatched=False)
 
     chunks = []
     for core, members_c in zip(cores, members):

@@ -26,8 +26,9 @@ left out, and it is placed again from those of its edges that agree with each ot
 when none do. Both are logged as warnings and listed in the `MergeReport` (which `predict` keeps in the
 predictions file, `MERGE_REPORT_KEY`).
 
-A frame held by several passes keeps the prediction of one (its owner: the first pass that holds it, unless the
-caller names one), so its depth and camera come from the same pass.
+A frame held by several passes keeps the depth of one (its owner: the first pass that holds it, unless the caller
+names one), and its camera too, or (`average_shared`, as chunks do) the mean of its placed cameras in every pass:
+less noise where the passes meet, and a frame consistent with both sides of the seam.
 """
 
 from __future__ import annotations
@@ -580,11 +581,13 @@ def merge_predictions(
     owners: dict[str, int] | None = None,
     order: list[str] | None = None,
     passes: Passes = CHUNKS,
+    average_shared: bool = False,
 ) -> tuple[Predictions, MergeReport]:
     """One Predictions of every frame of `parts` (passes in frames of their own), in the frame of `parts[0]`
     (of the first pass that is not an outlier).
 
-    `owners` names the pass whose prediction a shared frame keeps (default: the first that holds it); `order`
+    `owners` names the pass whose prediction a shared frame keeps (default: the first that holds it); with
+    `average_shared` its camera is the mean of every placed pass's instead (its depth stays the owner's). `order`
     the frame order of the result (default: by first appearance). Raises UserError when the passes' shared frames
     cannot tie them all together. See the module docstring.
     """
@@ -633,12 +636,37 @@ def merge_predictions(
             part = parts[c] if chosen[c] == parts[c].image_names else parts[c].subset(chosen[c])
             pieces.append(part if c == gauge else transform_predictions(part, placements.sim(c)))
     merged = _concatenate(pieces)
+    if average_shared:
+        merged = _average_shared(merged, parts, placements, placed, gauge)
     if order is not None:
         wanted = [name for name in order if name in set(merged.image_names)]
         if wanted != merged.image_names:
             merged = merged.subset(wanted)
     merged = dataclasses.replace(merged, extras={**merged.extras, MERGE_REPORT_KEY: np.asarray(report.to_json())})
     return merged, report
+
+
+def _average_shared(
+    merged: Predictions, parts: list[Predictions], placements: Placements, placed: set[int], gauge: int
+) -> Predictions:
+    """Each frame that several placed passes hold gets the mean of their placed cameras (rotation: chordal mean;
+    centre, intrinsics: mean); its depth stays its owner's."""
+    index = merged.index()
+    views: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for c in sorted(placed):
+        part = parts[c] if c == gauge else transform_predictions(parts[c], placements.sim(c))
+        for k, name in enumerate(part.image_names):
+            views.setdefault(name, []).append((part.cam_from_world[k], part.intrinsics[k]))
+    poses, intrinsics = merged.cam_from_world.copy(), merged.intrinsics.copy()
+    for name, held in views.items():
+        if len(held) < 2 or name not in index:
+            continue
+        cameras = np.array([pose for pose, _ in held])
+        rotation = _project_rotation(cameras[:, :, :3].sum(axis=0))
+        centre = (-np.einsum("sji,sj->si", cameras[:, :, :3], cameras[:, :, 3])).mean(axis=0)
+        poses[index[name]] = np.concatenate([rotation, (-rotation @ centre)[:, None]], axis=1)
+        intrinsics[index[name]] = np.mean([K / K[2, 2] for _, K in held], axis=0)
+    return dataclasses.replace(merged, cam_from_world=poses, intrinsics=intrinsics)
 
 
 def _concatenate(parts: list[Predictions]) -> Predictions:

@@ -436,7 +436,9 @@ def predict(
     results = executor.map(job, passes, workers=1, gpu=str(device) != "cpu")
     label = "VGGT windows" if window else "VGGT chunks"
     parts = list(log_progress(results, label, len(passes), progress and len(passes) > 1))
-    predictions, report = merge_predictions(parts, owners=owners, order=names, passes=WINDOWS if window else CHUNKS)
+    predictions, report = merge_predictions(
+        parts, owners=owners, order=names, passes=WINDOWS if window else CHUNKS, average_shared=bool(chunks)
+    )
     if report.dropped:
         logger.warning("VGGT %s left out of the merge (they disagree with their neighbours): %s",
                        "windows" if window else "chunks", ", ".join(map(str, report.dropped)))  # fmt: skip

@@ -7,6 +7,8 @@ Each forward pass then predicts its frames as a real VGGT pass would look to the
 cameras through `simulate_prior` (VGGT-like noise, depth rendered from a model with points of the same images),
 with a noise draw of its own (seeded by the set of frames it sees, so the same pass gives the same prediction),
 in a frame of its own (its first camera at the origin, its first frame's median depth 1, as VGGT normalises).
+Each frame gets the same amount of noise whatever the pass (the centre noise is a fraction of the whole scene's
+extent, not of the part the pass sees).
 
 These are SIMULATED predictions: they say nothing about how VGGT itself predicts, only how the rest of the
 pipeline copes with independent passes that each carry their own error.
@@ -14,6 +16,7 @@ pipeline copes with independent passes that each carry their own error.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from ..model.pose_encoding import extrinsics_intrinsics_to_pose_encoding
 from ..model.preprocess import _paste_centred, resize_image
 from ..prior import PriorCameras
 from .metrics import read_ground_truth
-from .simulate import NoiseLevel, simulate_prior
+from .simulate import NOISE_LEVELS, NoiseLevel, simulate_prior
 
 
 def _fingerprint(frame: np.ndarray) -> str:
@@ -82,8 +85,14 @@ class SimulatedVGGT(torch.nn.Module):
         )
         digest = hashlib.sha1("\n".join(sorted(names)).encode()).digest()
         seed = self.seed * 2**32 + int.from_bytes(digest[:4], "little")  # the same pass, the same draw
+        # The centre noise is a fraction of the extent of the cameras given; a pass sees a part of the scene, but
+        # its frames get as much noise as in a pass over all of them.
+        level = self.level if isinstance(self.level, NoiseLevel) else NOISE_LEVELS[self.level]
+        level = dataclasses.replace(
+            level, center_fraction=level.center_fraction * self.truth.scene_scale() / subset.scene_scale()
+        )
         predicted = simulate_prior(
-            subset, level=self.level, seed=seed, preprocess=self.preprocess, depth_from=self.depth_from
+            subset, level=level, seed=seed, preprocess=self.preprocess, depth_from=self.depth_from
         ).subset(names)
         # VGGT's frame: the first camera at the origin, the first frame's median depth 1.
         first = pycolmap.Rigid3d(predicted.cam_from_world[0])
