@@ -148,3 +148,16 @@ def test_a_bad_override_is_named_by_where_it_came_from(capsys):
     code = main(["reconstruct", "--images", "i", "--output", "o", "--set", "features.max_keypoints=lots"])
     assert code == 2
     assert capsys.readouterr().err.startswith("vggt-sfm: error: command line: 'features.max_keypoints' must be an integer")
+
+
+@pytest.mark.parametrize("split", [["--chunks", "8"], ["--window", "8"]])
+def test_a_split_of_vggt_with_given_predictions_is_refused_in_one_line(tmp_path, capsys, split):
+    # --chunks / --window split VGGT's own run; with --predictions nothing runs VGGT, and silently ignoring the
+    # option would let a user believe the run was split.
+    prior = ROOT / "data" / "fountain" / "prior_vggt_sim.npz"
+    code = main(["reconstruct", "--images", str(ROOT / "data" / "fountain" / "images"), "--predictions", str(prior),
+                 "--output", str(tmp_path / "out"), *split])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{split[0]} splits VGGT's own run" in err and str(prior) in err and f"drop {split[0]}" in err
+    assert not (tmp_path / "out").exists()

@@ -228,6 +228,10 @@ def _reconstruct_config(args: argparse.Namespace):
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .pipeline import run
 
+    for option in ("chunks", "window"):
+        if args.predictions and getattr(args, option, None) is not None:
+            raise UserError(f"--{option} splits VGGT's own run, but --predictions {args.predictions} are used as "
+                            f"they are: drop --{option}, or drop --predictions to run VGGT in {option}")
     config = _reconstruct_config(args)
     gt = None
     if args.gt:

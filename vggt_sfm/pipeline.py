@@ -360,6 +360,10 @@ def _run_stages(
         )
     else:
         with timer.stage("predictions"):
+            split = [key for key in ("chunks", "window") if getattr(config.predict, key)]
+            if loaded is not None and split:  # a preset's split, with predictions given: nothing to split
+                logger.warning("predict.%s is not used: the predictions %s are used as they are", split[0],
+                               _source(predictions))
             if loaded is None:
                 key = stage_key("predictions", fingerprint, config.predict)
                 loaded, was_cached = cache.get_or_compute(
