@@ -161,3 +161,22 @@ def test_a_split_of_vggt_with_given_predictions_is_refused_in_one_line(tmp_path,
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"{split[0]} splits VGGT's own run" in err and str(prior) in err and f"drop {split[0]}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_presets_split_with_given_predictions_is_named_as_unused(tmp_path, caplog):
+    from vggt_sfm.config import config_from_dict
+    from vggt_sfm.pipeline import run
+    from vggt_sfm.predictions import load_predictions
+
+    names = [f"{i:04d}.jpg" for i in range(3)]
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in names:
+        (images / name).write_bytes((ROOT / "data" / "fountain" / "images" / name).read_bytes())
+    prior = load_predictions(ROOT / "data" / "fountain" / "prior_vggt_sim.npz").subset(names)
+    config = config_from_dict({"predict": {"chunks": 8}, "features": {"max_keypoints": 256, "resize_max": 480},
+                               "refine": {"enabled": False}})  # fmt: skip
+    with caplog.at_level("WARNING", logger="vggt_sfm"):
+        result = run(images, predictions=prior, config=config, progress=False)
+    assert "predict.chunks is not used: the predictions given are used as they are" in caplog.text
+    assert result.summary.num_registered == 3
