@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import pycolmap
@@ -389,9 +389,9 @@ def _run_stages(
     summary.accuracy = accuracy.as_dict() if accuracy is not None else None
     if accuracy is not None:
         summary.details["ground_truth"] = accuracy_details(accuracy)
-    disagreement = (
-        prior_disagreement_deg(reconstruction, prior, _known_failed(summary)) if prior is not None else float("nan")
-    )
+    repaired = (summary.details.get("view_graph") or {}).get("failed") or []
+    known_failed = _known_failed(summary.not_refined, summary.relocalized, repaired)
+    disagreement = prior_disagreement_deg(reconstruction, prior, known_failed) if prior is not None else float("nan")
     summary.details["prior_disagreement_deg"] = disagreement
     summary.failure_reasons = check_run(
         summary.num_images, summary.num_points, summary.mean_reprojection_error, summary.not_refined, prior,
@@ -496,9 +496,13 @@ def _reconstruct_from_prior(
             # pass 2.7 and 1.9 deg. On the eight other runs measured with a repass (fountain, Herz-Jesu, fern,
             # lego, templeSR) the two passes differ by under 0.1 deg. So the repass is kept unless it turns the
             # images clearly farther from the prediction than the first pass did.
-            state = (reconstruction, mapping_report, refine_report, checked, tracks, prior)
-            failed = sorted(set().union(*(_attempt_failed(a[1], a[3]) for a in (first, state))))
-            disagreements = [prior_disagreement_deg(a[0], predicted, failed) for a in (first, state)]
+            passes = (first, _Pass(reconstruction, mapping_report, refine_report, checked, tracks, prior))
+            failed = _known_failed(
+                [name for one in passes for name in one.mapping_report.not_refined],
+                [name for one in passes for name in one.mapping_report.relocalized],
+                [name for one in passes for name in one.checked.report.failed],
+            )
+            disagreements = [prior_disagreement_deg(one.reconstruction, predicted, failed) for one in passes]
             keep_first = disagreements[1] > disagreements[0] + config.refine.focal_repass_max_disagreement_deg
             if keep_first:
                 logger.warning(
@@ -512,7 +516,7 @@ def _reconstruct_from_prior(
         factor = _focal_factor(reconstruction, prior, mapping_report.not_refined)
         if refine_report is None or abs(np.log(factor)) <= config.refine.focal_repass:
             break
-        first = (reconstruction, mapping_report, refine_report, checked, tracks, prior)
+        first = _Pass(reconstruction, mapping_report, refine_report, checked, tracks, prior)
         # A focal length the whole prediction got wrong (VGGT's field of view) skews the verification, the tracks
         # and the initial model; bundle adjustment finds the focal but not every match lost to it.
         logger.warning(
@@ -559,16 +563,21 @@ def _focal_factor(reconstruction: pycolmap.Reconstruction, prior: PriorCameras, 
     return float(np.median(ratios)) if ratios else 1.0
 
 
-def _attempt_failed(mapping_report: Any, checked: Any) -> set[str]:
-    """The frames one pass found wrong (repaired by the view graph, re-localised) or could not refine."""
-    repaired = getattr(checked.report, "failed", None) or []
-    return set(mapping_report.not_refined) | set(mapping_report.relocalized) | set(repaired)
+class _Pass(NamedTuple):
+    """What one verify-map-refine pass of `_reconstruct_from_prior` produced."""
+
+    reconstruction: pycolmap.Reconstruction
+    mapping_report: Any
+    refine_report: Any
+    checked: Any
+    tracks: Any
+    prior: PriorCameras
 
 
-def _known_failed(summary: ReconstructionSummary) -> list[str]:
-    """The frames whose prediction the run found wrong (repaired, re-localised) or could not refine."""
-    repaired = (summary.details.get("view_graph") or {}).get("failed") or []
-    return sorted(set(summary.not_refined) | set(summary.relocalized) | set(repaired))
+def _known_failed(not_refined: list[str], relocalized: list[str], repaired: list[str]) -> list[str]:
+    """The frames whose prediction the run found wrong (repaired by the view graph, re-localised) or could not
+    refine: left out where the model is compared with the prediction."""
+    return sorted(set(not_refined) | set(relocalized) | set(repaired))
 
 
 def _image_ids(names: list[str], subset: list[str]) -> list[int]:
